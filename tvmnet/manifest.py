@@ -1,0 +1,124 @@
+"""The artifact's ``manifest.json``: what the compiler promises and what the runtime checks.
+
+Shared by the compiler side (which writes it) and the runtime side (which reads it), so it imports
+neither TVM nor ONNX.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ArtifactError
+
+MANIFEST_NAME = "manifest.json"
+LIBRARY_NAME = "model.so"
+MODEL_NAME = "model.onnx"
+FORMAT_VERSION = 1
+"""Bumped when the manifest's meaning changes; the runtime refuses other versions."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, static shape and numpy dtype name of one model input or output."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.dtype}[{','.join(map(str, self.shape))}]"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TensorSpec:
+        return cls(name=str(data["name"]), shape=tuple(int(d) for d in data["shape"]), dtype=str(data["dtype"]))
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input tensor (defaults for ``--image``)."""
+
+    resolution: int
+    layout: str = "NCHW"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    crop_fraction: float = 0.875
+    """Resize the shorter side to ``resolution / crop_fraction``, then centre-crop (the ImageNet habit)."""
+
+
+def host_arch() -> str:
+    """This machine's architecture, in the names manifests and target files use."""
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, "arm" if machine.startswith("arm") else machine)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON next to its final place and rename, so readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_manifest(artifact: Path) -> dict[str, Any]:
+    """Read and sanity-check an artifact directory's manifest."""
+    path = artifact / MANIFEST_NAME
+    if not artifact.is_dir():
+        raise ArtifactError(f"{artifact} is not a tvmnet artifact directory (compile one with `tvmnet compile`)")
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{artifact} has no {MANIFEST_NAME}; it is not a complete tvmnet artifact") from None
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path} is unreadable or not JSON ({exc}); recompile the artifact") from None
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has manifest format {version!r}, this tvmnet reads format {FORMAT_VERSION}; "
+            "recompile the model with this tvmnet"
+        )
+    for key in ("inputs", "outputs", "target", "library"):
+        if key not in data:
+            raise ArtifactError(f"{path} lacks '{key}'; recompile the artifact")
+    return data
+
+
+def tensor_specs(entries: list[dict[str, Any]]) -> list[TensorSpec]:
+    return [TensorSpec.from_json(entry) for entry in entries]
+
+
+def preprocessing_from_json(data: dict[str, Any]) -> Preprocessing:
+    return Preprocessing(
+        resolution=int(data["resolution"]),
+        layout=str(data.get("layout", "NCHW")),
+        mean=tuple(data.get("mean", Preprocessing.mean)),
+        std=tuple(data.get("std", Preprocessing.std)),
+        crop_fraction=float(data.get("crop_fraction", Preprocessing.crop_fraction)),
+    )
+
+
+def preprocessing_to_json(pre: Preprocessing) -> dict[str, Any]:
+    return asdict(pre)

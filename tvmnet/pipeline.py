@@ -1,0 +1,114 @@
+"""The one Relax pass pipeline that tuning and building share.
+
+MetaSchedule keys tuning records by the TIR workload of each fused function, so ``tune`` must extract
+tasks from exactly the module that ``compile`` schedules: both call :func:`fuse`. Nothing else in
+tvmnet defines a pass list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import tvm
+from tvm import relax
+
+GPU_DEVICES = ("cuda", "opencl")
+
+
+@dataclass
+class ScheduleReport:
+    """Which fused functions got a tuned schedule from the database and which fell back."""
+
+    tuned: list[str] = field(default_factory=list)
+    fallback: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.tuned) + len(self.fallback)
+
+    def to_json(self) -> dict[str, object]:
+        return {"tuned": sorted(self.tuned), "fallback": sorted(self.fallback), "total": self.total}
+
+
+def _is_gpu(target: tvm.target.Target) -> bool:
+    return "gpu" in target.keys
+
+
+def fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Simplify for inference, legalize to TIR and fuse: the module tasks are extracted from."""
+    passes = [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.backend.DispatchSampling(),
+        relax.backend.DispatchSortScan(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
+    with target:
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def _prim_func_names(mod: tvm.IRModule) -> list[str]:
+    return [gv.name_hint for gv, func in mod.functions.items() if isinstance(func, tvm.tirx.PrimFunc)]
+
+
+def _scheduled(mod: tvm.IRModule) -> set[str]:
+    return {
+        gv.name_hint
+        for gv, func in mod.functions.items()
+        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and "tir.is_scheduled" in func.attrs
+        and bool(func.attrs["tir.is_scheduled"])
+    }
+
+
+def schedule(mod: tvm.IRModule, target: tvm.target.Target, database=None) -> tuple[tvm.IRModule, ScheduleReport]:
+    """Apply tuned records where the database has them; GPU functions left over get DLight defaults."""
+    before = _scheduled(mod)
+    if database is not None:
+        with target, database:
+            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    tuned = _scheduled(mod) - before
+    if _is_gpu(target):
+        from tvm.s_tir import dlight
+
+        with target:
+            mod = dlight.ApplyDefaultSchedule(
+                dlight.gpu.Matmul(),
+                dlight.gpu.GEMV(),
+                dlight.gpu.Reduction(),
+                dlight.gpu.GeneralReduction(),
+                dlight.gpu.Fallback(),
+            )(mod)
+    names = _prim_func_names(mod)
+    return mod, ScheduleReport(tuned=sorted(tuned), fallback=sorted(set(names) - tuned))
+
+
+def lower(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Leave dataflow form and plan memory: what the VM code generator takes."""
+    passes = [
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+        relax.transform.StaticPlanBlockMemory(),
+        *([relax.transform.RewriteCUDAGraph()] if target.kind.name == "cuda" else []),
+        relax.transform.LowerAllocTensor(),
+        relax.transform.KillAfterLastUse(),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
+    with target:
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def build(mod: tvm.IRModule, target: tvm.target.Target, database=None) -> tuple[relax.Executable, ScheduleReport]:
+    """Fused module -> VM executable, with tuned schedules applied where available."""
+    scheduled, report = schedule(mod, target, database)
+    executable = relax.build(lower(scheduled, target), target=target, relax_pipeline=None)
+    return executable, report

@@ -1,0 +1,194 @@
+"""Load a compiled artifact and run it: the only part of tvmnet a board needs.
+
+Imports TVM's runtime (``tvm.runtime``) and nothing of tvmnet's compiler side, so an artifact loads
+where only TVM's runtime is installed. Every input is checked against the manifest before TVM sees it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import ArtifactError, InputError
+from .manifest import (
+    Preprocessing,
+    TensorSpec,
+    host_arch,
+    preprocessing_from_json,
+    read_manifest,
+    sha256_file,
+    tensor_specs,
+)
+
+
+@dataclass(frozen=True)
+class BenchmarkStats:
+    """Latency of one inference, in milliseconds, over ``repeat`` samples of ``number`` calls each."""
+
+    median_ms: float
+    mean_ms: float
+    p90_ms: float
+    min_ms: float
+    max_ms: float
+    std_ms: float
+    number: int
+    repeat: int
+
+    @classmethod
+    def from_samples(cls, seconds: list[float], number: int) -> BenchmarkStats:
+        ms = sorted(s * 1e3 for s in seconds)
+        p90_index = min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))
+        return cls(
+            median_ms=statistics.median(ms),
+            mean_ms=statistics.fmean(ms),
+            p90_ms=ms[p90_index],
+            min_ms=ms[0],
+            max_ms=ms[-1],
+            std_ms=statistics.pstdev(ms),
+            number=number,
+            repeat=len(ms),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class CompiledModel:
+    """A compiled MobileNet: ``run`` inputs through it, ``benchmark`` it, read its manifest."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], vm: Any, device: Any) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.inputs: list[TensorSpec] = tensor_specs(manifest["inputs"])
+        self.outputs: list[TensorSpec] = tensor_specs(manifest["outputs"])
+        self.preprocessing: Preprocessing | None = (
+            preprocessing_from_json(manifest["preprocessing"]) if manifest.get("preprocessing") else None
+        )
+        self.labels: list[str] | None = manifest.get("labels")
+        self._vm = vm
+        self._device = device
+
+    def __repr__(self) -> str:
+        ins = ", ".join(spec.describe() for spec in self.inputs)
+        return f"CompiledModel({str(self.path)!r}, target={self.manifest['target']['name']!r}, inputs=[{ins}])"
+
+    def _check_inputs(self, data: np.ndarray | Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Arrays in the model's input order, each verified against the manifest."""
+        if isinstance(data, Mapping):
+            unknown = sorted(set(data) - {spec.name for spec in self.inputs})
+            if unknown:
+                names = ", ".join(spec.name for spec in self.inputs)
+                raise InputError(f"unknown input name(s) {', '.join(unknown)}; the model's inputs are: {names}")
+            missing = [spec.name for spec in self.inputs if spec.name not in data]
+            if missing:
+                raise InputError(f"missing input(s) {', '.join(missing)}")
+            arrays = [data[spec.name] for spec in self.inputs]
+        else:
+            if len(self.inputs) != 1:
+                names = ", ".join(spec.name for spec in self.inputs)
+                raise InputError(f"the model has {len(self.inputs)} inputs ({names}); pass a dict name -> array")
+            arrays = [data]
+        return [_check_array(spec, array) for spec, array in zip(self.inputs, arrays)]
+
+    def _call(self, arrays: list[np.ndarray]) -> Any:
+        import tvm
+
+        return self._vm["main"](*(tvm.runtime.tensor(array, self._device) for array in arrays))
+
+    def run(self, data: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray | list[np.ndarray]:
+        """Run one inference; one output comes back as an array, several as a list in manifest order."""
+        result = self._call(self._check_inputs(data))
+        outputs = [result.numpy()] if hasattr(result, "numpy") else [item.numpy() for item in result]
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def benchmark(
+        self, data: np.ndarray | Mapping[str, np.ndarray] | None = None, *, number: int = 10, repeat: int = 30,
+        warmup: int = 5,
+    ) -> BenchmarkStats:
+        """Time ``main`` with TVM's own evaluator (no Python in the timed loop); random input by default."""
+        import tvm
+
+        if data is None:
+            data = {spec.name: random_input(spec) for spec in self.inputs}
+        arrays = [tvm.runtime.tensor(a, self._device) for a in self._check_inputs(data)]
+        for _ in range(warmup):
+            self._vm["main"](*arrays)
+        timer = self._vm.time_evaluator("main", self._device, number=number, repeat=repeat)
+        return BenchmarkStats.from_samples(list(timer(*arrays).results), number)
+
+
+def random_input(spec: TensorSpec, seed: int = 0) -> np.ndarray:
+    """A deterministic N(0, 1) input of the right shape and dtype (for bench and verify)."""
+    return np.random.default_rng(seed).standard_normal(spec.shape).astype(spec.dtype)
+
+
+def _check_array(spec: TensorSpec, array: Any) -> np.ndarray:
+    if not isinstance(array, np.ndarray):
+        raise InputError(f"input '{spec.name}' must be a numpy array, got {type(array).__name__}")
+    if array.dtype != np.dtype(spec.dtype):
+        raise InputError(
+            f"input '{spec.name}' has dtype {array.dtype}, expected {spec.dtype} (convert with .astype('{spec.dtype}'))"
+        )
+    if tuple(array.shape) != spec.shape:
+        hint = ""
+        if len(spec.shape) == 4 and tuple(array.shape) == (spec.shape[0], spec.shape[2], spec.shape[3], spec.shape[1]):
+            hint = " (looks like NHWC; the model takes NCHW: use array.transpose(0, 3, 1, 2))"
+        elif len(spec.shape) == len(array.shape) and tuple(array.shape[1:]) == spec.shape[1:]:
+            hint = f" (batch size {array.shape[0]} given, the artifact was compiled for batch {spec.shape[0]})"
+        raise InputError(
+            f"input '{spec.name}' has shape {list(array.shape)}, expected {list(spec.shape)}{hint}"
+        )
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        warnings.warn(f"input '{spec.name}' contains NaN or Inf; the outputs will not be meaningful", stacklevel=3)
+    return np.ascontiguousarray(array)
+
+
+def load(path: str | Path, *, device: str | None = None, trust: bool = False) -> CompiledModel:
+    """Load an artifact directory written by ``tvmnet compile``.
+
+    Refuses, before any ``dlopen``, a library built for another architecture or whose sha256 differs
+    from the manifest's (loading a shared library runs its code); ``trust=True`` skips the hash check.
+    """
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    artifact = Path(path)
+    manifest = read_manifest(artifact)
+    target = manifest["target"]
+    arch = target.get("arch")
+    if arch != host_arch():
+        raise ArtifactError(
+            f"{artifact} was compiled for {arch} (target '{target.get('name')}'), this machine is {host_arch()}; "
+            "run it on such a board, or over RPC with --rpc-tracker/--rpc-key"
+        )
+    library = artifact / manifest["library"]["file"]
+    if not library.is_file():
+        raise ArtifactError(f"{artifact} lacks its library {library.name}; recompile the artifact")
+    if not trust and sha256_file(library) != manifest["library"]["sha256"]:
+        raise ArtifactError(
+            f"{library} does not match the sha256 in its manifest (modified or swapped); recompile it, "
+            "or pass trust=True / --trust if you know where it came from"
+        )
+    device_type = device or target.get("device", "cpu")
+    try:
+        dev = tvm.device(device_type, 0)
+    except Exception as exc:
+        raise ArtifactError(f"unknown device '{device_type}': {exc}") from None
+    if not dev.exist:
+        raise ArtifactError(
+            f"{artifact} needs a {device_type} device and this machine has none (target '{target.get('name')}')"
+        )
+    try:
+        lib = tvm.runtime.load_module(str(library))
+        vm = VirtualMachine(lib, dev)
+    except Exception as exc:
+        raise ArtifactError(f"TVM could not load {library}: {str(exc).splitlines()[0]}") from None
+    return CompiledModel(artifact, manifest, vm, dev)
+
+
+__all__ = ["BenchmarkStats", "CompiledModel", "load", "random_input"]
