@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,8 +93,45 @@ class TargetSpec:
         """True when the artifact is for another architecture than this machine."""
         return self.arch != host_arch()
 
+    def check_device_compiler(self) -> str | None:
+        """For CUDA targets, make sure TVM can compile the kernels; return the backend it will use.
+
+        TVM 0.27 compiles CUDA with NVRTC (the ``cuda-bindings`` package) unless
+        ``TVM_CUDA_COMPILE_MODE=nvcc``. Without cuda-bindings this selects nvcc, which must be on PATH and
+        new enough, yet not too new, for the target's ``arch`` (CUDA 13 dropped everything before sm_75).
+        Other devices need no compiler here (OpenCL source is compiled by the board's driver).
+        """
+        if self.device != "cuda":
+            return None
+        import importlib.util
+
+        mode = os.environ.get("TVM_CUDA_COMPILE_MODE", "").strip().lower()
+        if mode not in ("", "nvrtc", "nvcc"):
+            raise TargetError(f"TVM_CUDA_COMPILE_MODE={mode!r}; expected 'nvcc' or 'nvrtc'")
+        has_nvrtc = importlib.util.find_spec("cuda") is not None and importlib.util.find_spec("cuda.bindings") is not None
+        if mode == "nvrtc" or (mode == "" and has_nvrtc):
+            if not has_nvrtc:
+                raise TargetError("TVM_CUDA_COMPILE_MODE=nvrtc but the cuda-bindings package (NVRTC) is not installed; "
+                                  "pip install cuda-bindings, or unset it to compile with nvcc")
+            return "nvrtc"
+        nvcc = shutil.which("nvcc")
+        if nvcc is None:
+            raise TargetError(f"target '{self.name}' needs a CUDA compiler: nvcc not found on PATH; install the CUDA "
+                              "toolkit (Debian: nvidia-cuda-toolkit) or pip install cuda-bindings for NVRTC")
+        arch = str(self.tvm_target().attrs.get("arch", ""))
+        release = _nvcc_release(nvcc)
+        if release is not None and arch.startswith("sm_"):
+            sm = int("".join(ch for ch in arch[3:] if ch.isdigit()) or 0)
+            if release[0] >= 13 and sm < 75:
+                raise TargetError(f"target '{self.name}' is {arch}, which nvcc {release[0]}.{release[1]} ({nvcc}) cannot "
+                                  "compile for (CUDA 13 dropped architectures before sm_75); put a CUDA 12 nvcc first "
+                                  "on PATH")
+        os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"  # TVM reads it when it compiles the kernels
+        return "nvcc"
+
     def fcompile(self):
         """The ``export_library`` compile function: the target's cross compiler, or TVM's default."""
+        self.check_device_compiler()
         if self.cross_compiler is None:
             if self.is_cross:
                 raise TargetError(f"target '{self.name}' is for {self.arch} but its file names no [cross_compiler]")
@@ -111,6 +149,16 @@ class TargetSpec:
         except (OSError, subprocess.TimeoutExpired):
             return "unknown"
         return out.splitlines()[0] if out else "unknown"
+
+
+def _nvcc_release(nvcc: str) -> tuple[int, int] | None:
+    """(major, minor) from ``nvcc --version`` ("Cuda compilation tools, release 13.0, V13.0.88")."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def _physical_cores() -> int:
