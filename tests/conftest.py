@@ -1,0 +1,49 @@
+"""Shared helpers: compile a model with tvmnet and compare it with onnxruntime on the same input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import tvmnet
+
+RTOL = 1e-4
+ATOL = 1e-4
+"""fp32: element-wise |tvm - ort| <= ATOL + RTOL * |ort| (np.testing.assert_allclose)."""
+
+
+def ort_run(model: onnx.ModelProto | str | Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return session.run(None, inputs)
+
+
+def compile_and_compare(model: onnx.ModelProto, out: Path, *, input_shapes=None, seed: int = 0) -> tvmnet.CompiledModel:
+    """Compile for x86, load, and assert the output matches onnxruntime's on a seeded random input."""
+    artifact = tvmnet.compile(model, output=out, target="x86", input_shapes=input_shapes)
+    compiled = tvmnet.load(artifact)
+    spec = compiled.inputs[0]
+    x = np.random.default_rng(seed).standard_normal(spec.shape).astype(spec.dtype)
+    got = compiled.run(x)
+    expected = ort_run(model, {spec.name: x})[0]
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+    assert np.abs(expected).max() > 1e-3, "degenerate reference output: the comparison would prove nothing"
+    return compiled
+
+
+def no_leftovers(directory: Path) -> list[str]:
+    """Names of temporary or partial entries a failed compile could have left in ``directory``."""
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture(scope="session")
+def tiny_v2_artifact(tmp_path_factory) -> Path:
+    """MobileNetV2 α=0.25 ρ=96 compiled once for the tests that only need some artifact."""
+    from tvmnet import zoo
+
+    out = tmp_path_factory.mktemp("artifacts") / "v2-tiny"
+    return tvmnet.compile(zoo.build_model("mobilenet_v2", alpha=0.25, resolution=96), output=out)

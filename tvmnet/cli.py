@@ -1,0 +1,280 @@
+"""The ``tvmnet`` command: a thin click layer over the Python API.
+
+User errors (``TvmnetError``) print one line on stderr and exit with the error's code; anything
+else is a bug, still one line unless ``--verbose`` asks for the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import TvmnetError
+
+
+def _stderr(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+class _Group(click.Group):
+    """Turns exceptions into one-line errors with meaningful exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TvmnetError as exc:
+            if ctx.obj and ctx.obj.get("verbose"):
+                traceback.print_exc()
+            _stderr(f"tvmnet: error: {exc}")
+            sys.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            _stderr("tvmnet: interrupted")
+            sys.exit(130)
+        except Exception as exc:  # a bug, but the user still gets one line
+            if ctx.obj and ctx.obj.get("verbose"):
+                traceback.print_exc()
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            _stderr(f"tvmnet: internal error: {type(exc).__name__}: {first} (rerun with --verbose for details)")
+            sys.exit(70)
+
+
+@click.group(cls=_Group)
+@click.option("--verbose", "-v", is_flag=True, help="Show tracebacks and TVM's own messages.")
+@click.version_option(package_name="tvmnet")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
+    """Compile, run and check MobileNet classifiers with Apache TVM (Relax)."""
+    ctx.obj = {"verbose": verbose}
+
+
+_input_shape = click.option(
+    "--input-shape", "input_shapes", multiple=True, metavar="NAME:D1,D2,..",
+    help="Bind an input's shape, e.g. input:1,3,224,224 (needed for dynamic dimensions).",
+)
+
+
+@main.command("compile")
+@click.argument("model", required=False)
+@click.option("--target", "-t", default="x86", show_default=True, help="Target name, alias, or path to a .toml file.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Artifact directory to write.")
+@_input_shape
+@click.option("--tuning-logs", type=click.Path(path_type=Path), help="MetaSchedule database directory to apply.")
+@click.option("--labels", type=click.Path(path_type=Path), help="Text file with one class name per line.")
+@click.option("--alpha", type=float, default=1.0, show_default=True, help="Width multiplier for zoo models.")
+@click.option("--resolution", type=int, default=224, show_default=True, help="Input resolution for zoo models.")
+def compile_cmd(model: str | None, target: str, output: Path, input_shapes: tuple[str, ...],
+                tuning_logs: Path | None, labels: Path | None, alpha: float, resolution: int) -> None:
+    """Compile MODEL (an .onnx file or a zoo name; default mobilenet_v2) into an artifact directory."""
+    from .build import compile as compile_model
+    from .frontend import parse_input_shapes
+
+    compile_model(model, output=output, target=target, input_shapes=parse_input_shapes(input_shapes),
+                  tuning_logs=tuning_logs, labels=labels, alpha=alpha, resolution=resolution,
+                  progress=lambda msg: _stderr(f"[tvmnet] {msg}"))
+
+
+_trust = click.option("--trust", is_flag=True, help="Load even if the library's sha256 differs from the manifest.")
+
+
+@main.command("run")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--image", type=click.Path(path_type=Path), help="Image file to classify.")
+@click.option("--input", "input_file", type=click.Path(path_type=Path), help=".npy array to feed as the input.")
+@click.option("--top", default=5, show_default=True, help="How many classes to print.")
+@click.option("--output", "-o", "output_file", type=click.Path(path_type=Path), help="Save the raw output as .npy.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_trust
+def run_cmd(artifact: Path, image: Path | None, input_file: Path | None, top: int, output_file: Path | None,
+            as_json: bool, trust: bool) -> None:
+    """Run ARTIFACT on an image (or .npy, or a random input) and print the top classes."""
+    import numpy as np
+
+    from .errors import InputError
+    from .preprocess import load_image, top_k
+    from .runtime import load, random_input
+
+    model = load(artifact, trust=trust)
+    if image and input_file:
+        raise InputError("give --image or --input, not both")
+    if image:
+        if model.preprocessing is None:
+            raise InputError("this model's input is not an image tensor; use --input file.npy")
+        data = load_image(image, model.preprocessing, model.inputs[0].dtype)
+    elif input_file:
+        try:
+            data = np.load(input_file, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read {input_file} as a .npy array: {exc}") from None
+    else:
+        _stderr("[tvmnet] no --image or --input: using a seeded random input")
+        data = random_input(model.inputs[0])
+    result = model.run(data)
+    first = result[0] if isinstance(result, list) else result
+    if output_file:
+        np.save(output_file, first)
+    best = top_k(first, top)
+    labels = model.labels
+    rows = [{"class": cls, "label": labels[cls] if labels else None, "probability": p} for cls, p in best]
+    if as_json:
+        _print_json(rows)
+        return
+    for row in rows:
+        label = f"  {row['label']}" if row["label"] else ""
+        click.echo(f"{row['class']:>6}  {row['probability']:.4f}{label}")
+
+
+@main.command("verify")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--model", type=click.Path(path_type=Path), help="ONNX model to compare with (default: the artifact's copy).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--rtol", default=1e-4, show_default=True)
+@click.option("--atol", default=1e-4, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@_trust
+def verify_cmd(artifact: Path, model: Path | None, seed: int, rtol: float, atol: float, as_json: bool,
+               trust: bool) -> None:
+    """Compare ARTIFACT's output with onnxruntime's on the same random input."""
+    from .runtime import load
+    from .verify import verify
+
+    reports = verify(load(artifact, trust=trust), model=model, seed=seed, rtol=rtol, atol=atol)
+    if as_json:
+        _print_json([r.to_json() for r in reports])
+    else:
+        for r in reports:
+            verdict = "PASS" if r.passed else "FAIL"
+            click.echo(f"{r.output}: max abs error {r.max_abs_error:.3g}, max rel error {r.max_rel_error:.3g} "
+                       f"(rtol {r.rtol:g}, atol {r.atol:g}) {verdict}")
+    if not all(r.passed for r in reports):
+        sys.exit(1)
+
+
+@main.command("bench")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--number", default=10, show_default=True, help="Calls per timed sample.")
+@click.option("--repeat", default=30, show_default=True, help="Timed samples.")
+@click.option("--json", "as_json", is_flag=True)
+@_trust
+def bench_cmd(artifact: Path, number: int, repeat: int, as_json: bool, trust: bool) -> None:
+    """Time ARTIFACT (median, p90 of per-call latency). For comparisons with onnxruntime use bench/."""
+    from .runtime import load
+
+    stats = load(artifact, trust=trust).benchmark(number=number, repeat=repeat)
+    if as_json:
+        _print_json(stats.to_json())
+    else:
+        click.echo(f"median {stats.median_ms:.3f} ms  p90 {stats.p90_ms:.3f} ms  min {stats.min_ms:.3f} ms  "
+                   f"({stats.repeat} samples x {stats.number} calls)")
+
+
+@main.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def inspect_cmd(path: Path, as_json: bool) -> None:
+    """Show an artifact's manifest and graph summary (ops, FLOPs, parameters), or an .onnx file's summary."""
+    from .manifest import read_manifest
+
+    if path.is_dir():
+        info = read_manifest(path)
+    else:
+        from .frontend import read_model
+        from .summary import summarize
+
+        import onnx
+
+        info = {"graph": summarize(onnx.shape_inference.infer_shapes(read_model(path)[0]))}
+    if as_json:
+        _print_json(info)
+        return
+    if "target" in info:
+        target = info["target"]
+        click.echo(f"name:      {info.get('name')}")
+        click.echo(f"target:    {target['name']} ({target['arch']}, {target['device']}, verified: {target['verified']})")
+        click.echo(f"tvm:       {info.get('tvm_version')}  target {target['tvm']}")
+        for spec in info["inputs"]:
+            click.echo(f"input:     {spec['name']} {spec['dtype']}{spec['shape']}")
+        for spec in info["outputs"]:
+            click.echo(f"output:    {spec['name']} {spec['dtype']}{spec['shape']}")
+        sched = info.get("schedules") or {}
+        click.echo(f"schedules: {len(sched.get('tuned', []))} tuned of {sched.get('total', '?')}")
+    graph = info["graph"]
+    click.echo(f"graph:     {graph['nodes']} nodes, {graph['parameters']:,} parameters, "
+               f"{graph['flops'] / 1e6:.1f} MFLOPs, opset {graph['opset']}")
+    click.echo("ops:       " + ", ".join(f"{op} x{n}" for op, n in graph["ops"].items()))
+
+
+@main.group("zoo")
+def zoo_group() -> None:
+    """Built-in MobileNet V1/V2/V3 ONNX graphs (deterministic weights from a seed, or your .npz)."""
+
+
+@zoo_group.command("list")
+def zoo_list() -> None:
+    """List the model families."""
+    from . import zoo
+
+    for entry in zoo.list_models():
+        click.echo(f"{entry.name:<20} {entry.description}")
+
+
+@zoo_group.command("export")
+@click.argument("name")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True)
+@click.option("--alpha", type=float, default=1.0, show_default=True)
+@click.option("--resolution", type=int, default=224, show_default=True)
+@click.option("--opset", type=int, default=13, show_default=True)
+@click.option("--batch", default="1", show_default=True, help="Batch size, or 'dynamic'.")
+@click.option("--keep-bn", is_flag=True, help="Keep BatchNormalization nodes instead of folding them.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--weights", type=click.Path(path_type=Path), help=".npz of initializer name -> array.")
+def zoo_export(name: str, output: Path, alpha: float, resolution: int, opset: int, batch: str, keep_bn: bool,
+               seed: int, weights: Path | None) -> None:
+    """Export model NAME as an ONNX file."""
+    from . import zoo
+    from .errors import InputError
+
+    if batch == "dynamic":
+        batch_size = None
+    elif batch.isdigit():
+        batch_size = int(batch)
+    else:
+        raise InputError(f"--batch {batch!r}: give a positive integer or 'dynamic'")
+    path = zoo.export_model(name, output, alpha=alpha, resolution=resolution, opset=opset, batch=batch_size,
+                            fold_bn=not keep_bn, seed=seed, weights=weights)
+    _stderr(f"[tvmnet] wrote {path}")
+
+
+@main.group("targets", invoke_without_command=True)
+@click.pass_context
+def targets_group(ctx: click.Context) -> None:
+    """List hardware targets (one TOML file each)."""
+    if ctx.invoked_subcommand is None:
+        from .targets import list_targets
+
+        click.echo(f"{'name':<18} {'device':<7} {'arch':<8} {'verified':<9} description")
+        for spec in list_targets():
+            click.echo(f"{spec.name:<18} {spec.device:<7} {spec.arch:<8} {spec.verified:<9} {spec.description}")
+
+
+@targets_group.command("show")
+@click.argument("name")
+def targets_show(name: str) -> None:
+    """Print the resolved TVM target of NAME as JSON."""
+    from .targets import get_target
+
+    click.echo(json.dumps(json.loads(get_target(name).tvm_target_json()), indent=2))
+
+
+if __name__ == "__main__":
+    main()
