@@ -56,12 +56,17 @@ def _prim_func_names(mod: tvm.IRModule) -> list[str]:
     return [gv.name_hint for gv, func in mod.functions.items() if isinstance(func, tvm.tirx.PrimFunc)]
 
 
+SCHEDULED_ATTRS = ("tirx.is_scheduled", "tir.is_scheduled")
+"""MetaScheduleApplyDatabase marks the functions it scheduled with ``tirx.is_scheduled`` in TVM 0.27
+(``tir.is_scheduled`` in older TVMs)."""
+
+
 def _scheduled(mod: tvm.IRModule) -> set[str]:
     return {
         gv.name_hint
         for gv, func in mod.functions.items()
-        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and "tir.is_scheduled" in func.attrs
-        and bool(func.attrs["tir.is_scheduled"])
+        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None
+        and any(key in func.attrs and bool(func.attrs[key]) for key in SCHEDULED_ATTRS)
     }
 
 
