@@ -80,15 +80,27 @@ def _read_labels(labels: Sequence[str] | str | os.PathLike | None, num_classes: 
     return labels
 
 
-def _load_database(tuning_logs: str | os.PathLike | None):
+def _load_database(tuning_logs: str | os.PathLike | None, fused=None, spec: TargetSpec | None = None):
+    """The MetaSchedule database in ``tuning_logs``; without one, ``tune``'s default log dir for this
+    model's workloads and target when it exists (``tuning_logs/<target>/<fingerprint>/``), else None.
+    Returns ``(database, path)``."""
     if tuning_logs is None:
-        return None
+        if fused is None or spec is None:
+            return None, None
+        from . import tune
+
+        if not (tune._log_root() / spec.name).is_dir():  # skip extracting tasks when nothing was ever tuned
+            return None, None
+        path = tune.default_log_dir(fused, spec)
+        if not tune.has_database(path):
+            return None, None
+        tuning_logs = path
     from tvm.s_tir import meta_schedule as ms
 
     path = Path(tuning_logs)
     if not (path / "database_workload.json").is_file():
         raise ModelError(f"{path} holds no MetaSchedule database (database_workload.json); run `tvmnet tune` first")
-    return ms.database.JSONDatabase(work_dir=str(path), allow_missing=False)
+    return ms.database.JSONDatabase(work_dir=str(path), allow_missing=False), path
 
 
 def _prepare_output(output: Path) -> Path:
@@ -145,7 +157,7 @@ def compile(  # noqa: A001 - the public name users expect: tvmnet.compile
     mod = imported.to_relax()
     say(f"optimizing for {spec.name} ({tvm_target.kind.name})")
     fused = pipeline.fuse(mod, tvm_target)
-    database = _load_database(tuning_logs)
+    database, tuning_logs = _load_database(tuning_logs, fused, spec)
     say("building")
     executable, report = pipeline.build(fused, tvm_target, database)
     if database is not None:

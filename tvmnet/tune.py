@@ -1,0 +1,544 @@
+"""Tune a model's fused TIR functions with MetaSchedule into a JSON database that ``compile`` applies.
+
+Tasks are extracted from :func:`tvmnet.pipeline.fuse`'s output, the very module ``compile``
+schedules, so every record lands on a workload ``compile`` will look up.
+
+The log directory defaults to ``tuning_logs/<target>/<fingerprint>/`` (root overridable with
+``$TVMNET_TUNING_LOGS``), where the fingerprint hashes the task *workloads* (the structural hashes of
+the fused PrimFuncs, which hold no weights): another MobileNetV2 of the same shape with other weights
+finds the same log, and ``compile`` finds it without being told.
+
+Durability: MetaSchedule's ``JSONDatabase.commit_record`` appends one line to
+``database_tuning_record.json`` and closes the file, and the default ``AddToDatabase`` measure
+callback commits every batch as soon as the task scheduler joins it, so a killed tune keeps every
+joined batch. At most the batches in flight (built and sent to the runner, not yet joined) are lost.
+A rerun into the same directory loads the database, counts the records already there against the
+trial budget, and warm-starts the evolutionary search from them.
+
+Concurrency: a tune holds an exclusive ``fcntl.flock`` on ``<log_dir>/.tune.lock``; a second tune
+into the same directory fails at once with a :class:`TvmnetError` naming the holder's pid (it does
+not wait: a tune takes hours, and silently queueing behind one is worse than being told).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import TvmnetError
+
+Progress = Callable[[str], None]
+
+LOG_ROOT_ENV = "TVMNET_TUNING_LOGS"
+DEFAULT_LOG_ROOT = "tuning_logs"
+LOCK_NAME = ".tune.lock"
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+MODULE_EQUALITY = "structural"  # what build._load_database's JSONDatabase uses too
+FAILED_SECONDS = 1e9  # MetaSchedule records failed runs with run_secs of 1e10
+
+
+@dataclass
+class TaskResult:
+    """One tuned task: its fused function's name, how often the model calls it, trials, best latency."""
+
+    name: str
+    weight: int
+    trials: int
+    """Records in the database for this workload (earlier runs included)."""
+    new_trials: int
+    """Trials measured by this run."""
+    best_us: float | None
+    """Best measured latency in microseconds, None when no valid measurement exists."""
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "weight": self.weight, "trials": self.trials, "new_trials": self.new_trials,
+                "best_us": self.best_us}
+
+
+@dataclass
+class TuneResult:
+    log_dir: Path
+    target: str
+    fingerprint: str
+    runner: str
+    tasks: list[TaskResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def trials(self) -> int:
+        return sum(t.trials for t in self.tasks)
+
+    @property
+    def new_trials(self) -> int:
+        return sum(t.new_trials for t in self.tasks)
+
+    @property
+    def estimated_us(self) -> float | None:
+        """Sum over tasks of weight x best latency (None unless every task has a measurement)."""
+        if not self.tasks or any(t.best_us is None for t in self.tasks):
+            return None
+        return sum(t.weight * t.best_us for t in self.tasks)
+
+    def table(self) -> str:
+        width = max([len("task")] + [len(t.name) for t in self.tasks])
+        lines = [f"{'task':<{width}}  weight  trials      best µs"]
+        for t in self.tasks:
+            best = f"{t.best_us:12.1f}" if t.best_us is not None else f"{'-':>12}"
+            lines.append(f"{t.name:<{width}}  {t.weight:6d}  {t.trials:6d}  {best}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, object]:
+        return {"log_dir": str(self.log_dir), "target": self.target, "fingerprint": self.fingerprint,
+                "runner": self.runner, "trials": self.trials, "new_trials": self.new_trials,
+                "seconds": round(self.seconds, 2), "tasks": [t.to_json() for t in self.tasks]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks, fingerprint, default log dir
+
+
+def _ms():
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms
+
+
+def _shash(mod) -> int:
+    from tvm_ffi import structural_hash
+
+    return int(structural_hash(mod))
+
+
+def extract_tasks(fused, tvm_target) -> list:
+    """MetaSchedule tasks of a fused module (one per distinct PrimFunc workload)."""
+    return list(_ms().relax_integration.extract_tasks(fused, tvm_target, module_equality=MODULE_EQUALITY))
+
+
+def fingerprint_tasks(tasks: Sequence) -> str:
+    """A short hash of the set of task workloads: weights and function names do not enter it."""
+    hashes = sorted({_shash(task.dispatched[0]) for task in tasks})
+    digest = hashlib.sha256(",".join(f"{h:x}" for h in hashes).encode()).hexdigest()
+    return digest[:16]
+
+
+def _log_root() -> Path:
+    return Path(os.environ.get(LOG_ROOT_ENV) or DEFAULT_LOG_ROOT)
+
+
+def _target_spec(target):
+    from .targets import TargetSpec, get_target
+
+    return target if isinstance(target, TargetSpec) else get_target(target)
+
+
+def _fused_of(model, tvm_target):
+    """An ImportedModel or an already fused IRModule -> the fused IRModule."""
+    from . import pipeline
+    from .frontend import ImportedModel
+
+    if isinstance(model, ImportedModel):
+        return pipeline.fuse(model.to_relax(), tvm_target)
+    return model
+
+
+def default_log_dir(model, target) -> Path:
+    """``<root>/<target name>/<workload fingerprint>`` for an ImportedModel or a fused IRModule.
+
+    ``model`` must be fused with ``pipeline.fuse`` for the same target when it is an IRModule.
+    """
+    spec = _target_spec(target)
+    tvm_target = spec.tvm_target()
+    tasks = extract_tasks(_fused_of(model, tvm_target), tvm_target)
+    return _log_root() / spec.name / fingerprint_tasks(tasks)
+
+
+def has_database(path: str | os.PathLike) -> bool:
+    return (Path(path) / WORKLOAD_FILE).is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Lock
+
+
+class _DirLock:
+    """An exclusive, non-blocking flock on ``<log_dir>/.tune.lock`` (released when the process dies)."""
+
+    def __init__(self, log_dir: Path):
+        self.path = log_dir / LOCK_NAME
+        self.fd: int | None = None
+
+    def __enter__(self) -> "_DirLock":
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = ""
+            try:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            except OSError:
+                pass
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise TvmnetError(
+                    f"{self.path.parent} is being tuned by another process{f' (pid {holder})' if holder else ''}; "
+                    "wait for it to finish or tune into another --log-dir") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Builder / runner pieces (module level so cloudpickle sends them to workers by reference)
+
+
+def _worker_init() -> None:
+    """Popen worker initializer: import TVM before the (timed) first job.
+
+    It does *not* import ``tvm.s_tir.tensor_intrin`` (~20-40 s on a busy 2-core machine, and LocalBuilder
+    restarts its worker pool on every batch): :func:`_build` below does not need it, because tensorized
+    blocks are already rewritten to the intrinsic's implementation when the schedule is applied in the
+    tuning process.
+    """
+    import tvm  # noqa: F401
+    from tvm.s_tir.meta_schedule.builder import local_builder  # noqa: F401
+
+
+def _build(mod, target, _params):
+    """MetaSchedule's default_build without its ``import tvm.s_tir.tensor_intrin``."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm_build(mod, target=target)
+
+
+class _Export:
+    """Export a built candidate as a shared library linked by the target's compiler (picklable)."""
+
+    def __init__(self, cc: str | None = None, options: Sequence[str] = ()):
+        self.cc = cc
+        self.options = list(options)
+
+    def __call__(self, rt_mod) -> str:
+        import tempfile
+
+        from tvm.support import cc as tvm_cc
+
+        path = os.path.join(tempfile.mkdtemp(prefix="tvmnet-ms-"), "candidate.so")
+        fcompile = tvm_cc.cross_compiler(self.cc, options=self.options) if self.cc else None
+        rt_mod.export_library(path, fcompile=fcompile)
+        return path
+
+
+def _make_builder(spec, timeout_s: float, max_workers: int):
+    ms = _ms()
+    export = _Export(spec.cross_compiler.cc, spec.cross_compiler.options) if spec.cross_compiler else _Export()
+    if spec.cross_compiler:
+        spec.cross_compiler.check()
+    return ms.builder.LocalBuilder(max_workers=max_workers, timeout_sec=timeout_s, f_build=_build,
+                                   f_export=export, initializer=_worker_init)
+
+
+def _parse_tracker(tracker: str) -> tuple[str, int]:
+    host, sep, port = str(tracker).rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise TvmnetError(f"bad rpc tracker '{tracker}'; write HOST:PORT, e.g. 127.0.0.1:9190")
+    return host, int(port)
+
+
+def _make_runner(spec, *, rpc_tracker, rpc_key, timeout_s, number, repeat, min_repeat_ms):
+    ms = _ms()
+    evaluator = ms.runner.EvaluatorConfig(number=number, repeat=repeat, min_repeat_ms=min_repeat_ms,
+                                          enable_cpu_cache_flush=False)
+    if rpc_tracker is None:
+        if spec.is_cross:
+            raise TvmnetError(f"target '{spec.name}' is for {spec.arch}: tuning it needs a board, pass "
+                              "rpc_tracker=HOST:PORT and rpc_key")
+        return ms.runner.LocalRunner(timeout_sec=timeout_s, evaluator_config=evaluator,
+                                     initializer=_worker_init), "local"
+    host, port = _parse_tracker(rpc_tracker)
+    key = rpc_key or spec.rpc_key
+    if not key:
+        raise TvmnetError(f"rpc tuning needs a device key: pass rpc_key (target '{spec.name}' names none)")
+    from . import rpc
+
+    keys = rpc.query_tracker(host, port)  # fails clearly when the tracker is down
+    if key not in keys:
+        raise TvmnetError(f"no RPC server with key '{key}' is registered at tracker {host}:{port} "
+                          f"(registered: {', '.join(sorted(keys)) or 'none'})")
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
+                                 session_timeout_sec=max(60, int(timeout_s)))
+    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=1,
+                               initializer=_worker_init), f"rpc:{host}:{port}:{key}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Database accounting
+
+
+def _record_seconds(record) -> float | None:
+    secs = record.run_secs
+    if secs is None or len(secs) == 0:
+        return None
+    values = [float(s) for s in secs]
+    mean = sum(values) / len(values)
+    return None if mean >= FAILED_SECONDS else mean
+
+
+def database_stats(database, tasks: Sequence) -> dict[int, tuple[int, float | None]]:
+    """workload hash -> (records, best seconds) for the given tasks' workloads."""
+    wanted = {_shash(task.dispatched[0]) for task in tasks}
+    stats: dict[int, list] = {h: [0, None] for h in wanted}
+    for record in database.get_all_tuning_records():
+        h = _shash(record.workload.mod)
+        if h not in stats:
+            continue
+        stats[h][0] += 1
+        secs = _record_seconds(record)
+        if secs is not None and (stats[h][1] is None or secs < stats[h][1]):
+            stats[h][1] = secs
+    return {h: (n, best) for h, (n, best) in stats.items()}
+
+
+def _select(tasks: list, names: Sequence[str] | None) -> list:
+    if names is None:
+        return tasks
+    by_name = {t.task_name: t for t in tasks}
+    chosen, missing = [], []
+    for name in names:
+        exact = by_name.get(name)
+        matches = [exact] if exact is not None else [t for t in tasks if name in t.task_name]
+        if not matches:
+            missing.append(name)
+        chosen.extend(m for m in matches if m not in chosen)
+    if missing:
+        raise TvmnetError(f"no task matches {', '.join(missing)}; the model's tasks are: "
+                          f"{', '.join(t.task_name for t in tasks)}")
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress measure callback
+
+
+def _make_progress_callback(names, weights, state, say):
+    ms = _ms()
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class _Progress(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            n = len(runner_results)
+            state["new"][task_id] += n
+            state["done"] += n
+            improved = False
+            for result in runner_results:
+                if result.error_msg is not None or result.run_secs is None or len(result.run_secs) == 0:
+                    continue
+                secs = sum(float(s) for s in result.run_secs) / len(result.run_secs)
+                if secs >= FAILED_SECONDS:
+                    continue
+                best = state["best"][task_id]
+                if best is None or secs < best:
+                    state["best"][task_id] = secs
+                    improved = True
+            state["stale"][task_id] = 0 if improved else state["stale"][task_id] + n
+            errors = sum(1 for r in runner_results if r.error_msg is not None)
+            elapsed = time.monotonic() - state["started"]
+            total = state["budget"]
+            done = state["done"]
+            eta = elapsed / done * max(0, total - done) if done else math.nan
+            best = state["best"][task_id]
+            started = sum(1 for x in state["new"] if x)
+            say(f"[{done}/{total} trials, {started}/{len(names)} tasks started] {names[task_id]} "
+                f"(x{weights[task_id]}): +{n} trials"
+                + (f", {errors} failed" if errors else "")
+                + (f", best {best * 1e6:.1f} µs" if best is not None else ", no valid measurement yet")
+                + f", elapsed {elapsed:.0f} s, ETA {eta:.0f} s")
+
+    return _Progress()
+
+
+def _make_scheduler(state, say, names):
+    """A task scheduler that joins every batch before choosing the next task, so that measured records
+    reach the database (and the disk) one batch after they are measured.
+
+    MetaSchedule's "gradient" scheduler (tune_relax's default) sends one batch per task round-robin in
+    its first round and joins none of them until the round is over: for MobileNetV2 (33 tasks x 64)
+    that is the whole default budget, and a kill loses every measurement. This one picks untried
+    tasks first, then the task with the largest weight x best latency, damped by how often it was
+    picked; it also applies ``early_stopping``.
+    """
+    ms = _ms()
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class _JoiningScheduler(ms.task_scheduler.PyTaskScheduler):
+        def __init__(self):
+            super().__init__()
+            self.pending: list[int] = []
+            self.picks: list[int] = [0] * len(names)
+
+        def next_task_id(self) -> int:
+            tasks = self._outer().tasks_
+            for i in self.pending:
+                if not tasks[i].is_terminated:
+                    self.join_running_task(i)
+            self.pending = []
+            limit = state["early_stopping"]
+            for i, task in enumerate(tasks):
+                if limit and not task.is_terminated and state["stale"][i] >= limit and i not in state["stopped"]:
+                    state["stopped"].add(i)
+                    say(f"{names[i]}: no improvement in {state['stale'][i]} trials, stopping it early")
+                    self.terminate_task(i)
+            alive = [i for i, task in enumerate(tasks) if not task.is_terminated]
+            if not alive:
+                return -1
+            fresh = [i for i in alive if self.picks[i] == 0]
+            if fresh:
+                choice = fresh[0]
+            else:
+                def score(i):
+                    best = state["best"][i]
+                    cost = math.inf if best is None else state["weights"][i] * best
+                    return cost / math.sqrt(self.picks[i])
+
+                choice = max(alive, key=score)
+            self.picks[choice] += 1
+            self.pending.append(choice)
+            return choice
+
+    return _JoiningScheduler()
+
+
+# ----------------------------------------------------------------------------------------------
+# tune()
+
+
+def tune(
+    model=None,
+    *,
+    target="x86",
+    trials: int | None = None,
+    trials_per_task: int | None = None,
+    tasks: Sequence[str] | None = None,
+    log_dir: str | os.PathLike | None = None,
+    timeout_s: float = 60.0,
+    number: int = 3,
+    repeat: int = 1,
+    min_repeat_ms: int = 100,
+    early_stopping: int | None = None,
+    seed: int = 0,
+    alpha: float = 1.0,
+    resolution: int = 224,
+    input_shapes=None,
+    rpc_tracker: str | None = None,
+    rpc_key: str | None = None,
+    progress: Progress | None = None,
+    num_trials_per_iter: int = 64,
+    population_size: int = 512,
+    builder_workers: int | None = None,
+    builder_timeout_s: float = 120.0,
+) -> TuneResult:
+    """Tune ``model`` (path, zoo name, ModelProto, None for MobileNetV2) for ``target`` with MetaSchedule.
+
+    ``trials`` is the total budget over the selected tasks, counting records already in ``log_dir``
+    (default: 64 per task); ``trials_per_task`` caps each task. ``tasks`` selects tasks by exact name or
+    substring. ``timeout_s`` bounds one measurement, ``builder_timeout_s`` one candidate build.
+    ``early_stopping=N`` stops a task after N trials without improvement.
+    """
+    from . import pipeline
+    from .build import resolve_model
+    from .frontend import load_onnx
+
+    say = progress or (lambda _msg: None)
+    started = time.monotonic()
+    spec = _target_spec(target)
+    tvm_target = spec.tvm_target()
+    source, name = resolve_model(model, alpha=alpha, resolution=resolution)
+    say(f"importing {name}")
+    imported = load_onnx(source, input_shapes)
+    fused = pipeline.fuse(imported.to_relax(), tvm_target)
+    all_tasks = extract_tasks(fused, tvm_target)
+    fingerprint = fingerprint_tasks(all_tasks)
+    selected = _select(all_tasks, tasks)
+    log_dir = Path(log_dir) if log_dir is not None else _log_root() / spec.name / fingerprint
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TvmnetError(f"cannot create tuning log dir {log_dir}: {exc.strerror}") from None
+
+    ms = _ms()
+    with _DirLock(log_dir):
+        database = ms.database.JSONDatabase(work_dir=str(log_dir), module_equality=MODULE_EQUALITY)
+        before = database_stats(database, selected)
+        hashes = [_shash(t.dispatched[0]) for t in selected]
+        existing = [before[h][0] for h in hashes]
+        budget_total = trials if trials is not None else 64 * len(selected)
+        remaining = max(0, budget_total - sum(existing))
+        per_task_left = [
+            (max(0, trials_per_task - n) if trials_per_task is not None else remaining) for n in existing
+        ]
+        to_tune = [i for i, left in enumerate(per_task_left) if left > 0]
+        remaining = min(remaining, sum(per_task_left[i] for i in to_tune))
+        runner_name = "local" if rpc_tracker is None else f"rpc:{rpc_tracker}"
+        say(f"{len(all_tasks)} tasks in {name}, {len(selected)} selected; {sum(existing)} trials already in "
+            f"{log_dir}; {remaining} to run")
+
+        new = [0] * len(selected)
+        if remaining > 0 and to_tune:
+            builder = _make_builder(spec, builder_timeout_s,
+                                    builder_workers or max(1, min(2, (os.cpu_count() or 1))))
+            runner, runner_name = _make_runner(spec, rpc_tracker=rpc_tracker, rpc_key=rpc_key, timeout_s=timeout_s,
+                                               number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
+            chosen = [selected[i] for i in to_tune]
+            say(f"preparing {len(chosen)} tuning contexts (imports MetaSchedule's tensor intrinsics once)")
+            strategy = ms.search_strategy.EvolutionarySearch(population_size=population_size)
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                extracted_tasks=chosen, work_dir=str(log_dir), strategy=strategy, seed=seed)
+            per_iter = max(1, min(num_trials_per_iter, max(per_task_left[i] for i in to_tune)))
+            state = {"new": [0] * len(chosen), "best": [before[hashes[i]][1] for i in to_tune],
+                     "stale": [0] * len(chosen), "stopped": set(), "done": 0, "budget": remaining,
+                     "started": time.monotonic(), "weights": [float(w) for w in weights],
+                     "early_stopping": early_stopping}
+            scheduler = _make_scheduler(state, say, [t.task_name for t in chosen])
+            callbacks = ms.measure_callback.MeasureCallback.create("default") + [
+                _make_progress_callback([t.task_name for t in chosen], [int(w) for w in weights], state, say)]
+            cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=max(1, os.cpu_count() or 1),
+                                                        tree_method="auto")
+            say(f"tuning {len(chosen)} tasks, {remaining} trials, runner {runner_name}")
+            from tvm.s_tir.meta_schedule import _ffi_api as ms_ffi
+
+            ms_ffi.TaskSchedulerTune(  # type: ignore[attr-defined]
+                scheduler, contexts, [float(w) for w in weights], remaining,
+                max(per_task_left[i] for i in to_tune), per_iter, builder, runner, callbacks, database, cost_model)
+            for j, i in enumerate(to_tune):
+                new[i] = state["new"][j]
+        after = database_stats(database, selected)
+
+    result = TuneResult(log_dir=log_dir, target=spec.name, fingerprint=fingerprint, runner=runner_name)
+    for i, task in enumerate(selected):
+        n, best = after[hashes[i]]
+        result.tasks.append(TaskResult(name=task.task_name, weight=int(task.weight), trials=n, new_trials=new[i],
+                                       best_us=best * 1e6 if best is not None else None))
+    result.seconds = time.monotonic() - started
+    say(result.table())
+    say(f"tuned {len(selected)} tasks: {result.new_trials} new trials, {result.trials} in {log_dir} "
+        f"({result.seconds:.0f} s)")
+    return result
