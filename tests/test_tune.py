@@ -1,0 +1,190 @@
+"""MetaSchedule tuning: records land where ``compile`` applies them, survive a SIGKILL, resume, lock, RPC.
+
+Budgets are tiny (a few trials on two tasks of MobileNetV2 α=0.25 ρ=96): these tests prove plumbing,
+not speed. Most of each test's time is importing the model and MetaSchedule's tensor intrinsics.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tvmnet
+from tvmnet.errors import TvmnetError
+
+from conftest import ATOL, RTOL, ort_run
+
+TASKS = ["fused_conv2d_add_maximum_minimum", "fused_conv2d1_add_maximum_minimum"]
+SMALL = {"population_size": 64, "num_trials_per_iter": 4}  # keeps each search step to seconds on 2 cores
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _model():
+    from tvmnet import zoo
+
+    return zoo.build_model("mobilenet_v2", alpha=0.25, resolution=96)
+
+
+def _records(log_dir: Path) -> int:
+    path = log_dir / "database_tuning_record.json"
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.exists() else 0
+
+
+def _database_records(log_dir: Path) -> list:
+    from tvm.s_tir import meta_schedule as ms
+
+    db = ms.database.JSONDatabase(work_dir=str(log_dir), allow_missing=False)
+    return list(db.get_all_tuning_records())
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """Two tasks x 4 trials into the default log dir under a temporary $TVMNET_TUNING_LOGS."""
+    root = tmp_path_factory.mktemp("tuning_logs")
+    old = os.environ.get("TVMNET_TUNING_LOGS")
+    os.environ["TVMNET_TUNING_LOGS"] = str(root)
+    lines: list[str] = []
+    started = time.monotonic()
+    try:
+        result = tvmnet_tune(_model(), trials=8, trials_per_task=4, tasks=TASKS, progress=lines.append, **SMALL)
+        yield result, root, lines, time.monotonic() - started
+    finally:
+        if old is None:
+            os.environ.pop("TVMNET_TUNING_LOGS", None)
+        else:
+            os.environ["TVMNET_TUNING_LOGS"] = old
+
+
+def tvmnet_tune(*args, **kwargs):
+    from tvmnet.tune import tune
+
+    return tune(*args, **kwargs)
+
+
+@pytest.mark.timeout(420)
+def test_local_tune_records_apply_in_compile(tuned, tmp_path):
+    result, root, lines, seconds = tuned
+    assert seconds < 300, f"tuning 8 trials took {seconds:.0f} s"
+    assert result.log_dir.parent == root / "x86" and result.log_dir.name == result.fingerprint
+    assert [t.name for t in result.tasks] == TASKS
+    for task in result.tasks:
+        assert task.trials == 4 and task.new_trials == 4 and task.best_us is not None and task.best_us > 0
+    assert _records(result.log_dir) == 8 and len(_database_records(result.log_dir)) == 8
+    assert any("trials" in line and "ETA" in line for line in lines), lines
+    assert "best µs" in result.table()
+
+    model = _model()
+    artifact = tvmnet.compile(model, output=tmp_path / "tuned", tuning_logs=result.log_dir)
+    compiled = tvmnet.load(artifact)
+    schedules = compiled.manifest["schedules"]
+    assert set(TASKS) <= set(schedules["tuned"]), schedules
+    assert schedules["database"] == str(result.log_dir)
+    spec = compiled.inputs[0]
+    x = np.random.default_rng(0).standard_normal(spec.shape).astype(spec.dtype)
+    np.testing.assert_allclose(compiled.run(x), ort_run(model, {spec.name: x})[0], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.timeout(180)
+def test_compile_finds_default_log_dir(tuned, tmp_path):
+    """No tuning_logs given: compile looks in tuning_logs/<target>/<workload fingerprint>/ itself, and the
+    fingerprint ignores the weights (another MobileNetV2 of the same shape finds the same log)."""
+    result, _root, _lines, _seconds = tuned
+    from tvmnet.frontend import load_onnx
+    from tvmnet.tune import default_log_dir
+
+    other = _model()
+    for init in other.graph.initializer[:5]:
+        if init.raw_data:
+            init.raw_data = bytes(reversed(init.raw_data))
+    assert default_log_dir(load_onnx(other), "x86") == result.log_dir
+    artifact = tvmnet.compile(other, output=tmp_path / "auto")
+    schedules = tvmnet.load(artifact).manifest["schedules"]
+    assert schedules["database"] == str(result.log_dir)
+    assert set(TASKS) <= set(schedules["tuned"])
+
+
+@pytest.mark.timeout(120)
+def test_second_tune_into_locked_dir_fails_fast(tuned):
+    result, _root, _lines, _seconds = tuned
+    from tvmnet.tune import _DirLock
+
+    before = _records(result.log_dir)
+    with _DirLock(result.log_dir):  # another open file description: flock conflicts even in-process
+        with pytest.raises(TvmnetError, match=f"being tuned by another process \\(pid {os.getpid()}\\)"):
+            tvmnet_tune(_model(), trials=12, tasks=TASKS, log_dir=result.log_dir, **SMALL)
+    assert _records(result.log_dir) == before
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys
+    from tvmnet import zoo
+    from tvmnet.tune import tune
+    tune(zoo.build_model("mobilenet_v2", alpha=0.25, resolution=96), trials=200, tasks=[sys.argv[2]],
+         log_dir=sys.argv[1], population_size=64, num_trials_per_iter=4, progress=print)
+""")
+
+
+@pytest.mark.timeout(480)
+def test_killed_tune_keeps_records_and_resumes(tmp_path):
+    log_dir = tmp_path / "log"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(log_dir), TASKS[1]], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while _records(log_dir) == 0:
+            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "no record reached the disk within 300 s"
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed = _database_records(log_dir)  # the database still loads after the kill
+    assert len(killed) >= 1 and all(r.run_secs is not None for r in killed)
+    keys = {str(r.trace) for r in killed}
+
+    resumed = tvmnet_tune(_model(), trials=len(killed) + 4, tasks=[TASKS[1]], log_dir=log_dir, **SMALL)
+    after = _database_records(log_dir)
+    assert len(after) == len(killed) + 4, "the rerun must count the records already there against the budget"
+    assert keys <= {str(r.trace) for r in after}
+    assert resumed.tasks[0].trials == len(after) and resumed.tasks[0].new_trials == 4
+
+
+@pytest.mark.timeout(420)
+def test_rpc_tune_measures_through_server(tmp_path):
+    from tvmnet import rpc
+
+    key = "tvmnet-test-x86"
+    log_dir = tmp_path / "log"
+    with rpc.start_tracker(log=tmp_path / "tracker.log") as tracker:
+        assert rpc.query_tracker(tracker.host, tracker.port) == {}
+        with rpc.start_server(tracker.address, key, log=tmp_path / "server.log") as server:
+            assert key in rpc.query_tracker(tracker.host, tracker.port)
+            result = tvmnet_tune(_model(), trials=4, tasks=[TASKS[1]], log_dir=log_dir, rpc_tracker=tracker.address,
+                                 rpc_key=key, **SMALL)
+            server_log = server.output()
+    assert result.runner == f"rpc:{tracker.host}:{tracker.port}:{key}"
+    assert result.tasks[0].new_trials == 4 and result.tasks[0].best_us is not None
+    assert len(_database_records(log_dir)) == 4
+    assert "upload" in server_log.lower() or "load_module" in server_log.lower() or "connected" in server_log.lower(), \
+        server_log[-2000:]
+
+
+def test_rpc_tune_with_unknown_key_fails_clearly(tmp_path):
+    from tvmnet import rpc
+    from tvmnet.tune import _make_runner
+    from tvmnet.targets import get_target
+
+    with rpc.start_tracker() as tracker:
+        with pytest.raises(TvmnetError, match="no RPC server with key 'nope'"):
+            _make_runner(get_target("x86"), rpc_tracker=tracker.address, rpc_key="nope", timeout_s=10, number=1,
+                         repeat=1, min_repeat_ms=0)
+    with pytest.raises(TvmnetError, match="cannot reach the RPC tracker"):
+        rpc.query_tracker("127.0.0.1", rpc.free_port())
