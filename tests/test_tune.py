@@ -173,8 +173,8 @@ def test_rpc_tune_measures_through_server(tmp_path):
     assert result.runner == f"rpc:{tracker.host}:{tracker.port}:{key}"
     assert result.tasks[0].new_trials == 4 and result.tasks[0].best_us is not None
     assert len(_database_records(log_dir)) == 4
-    assert "upload" in server_log.lower() or "load_module" in server_log.lower() or "connected" in server_log.lower(), \
-        server_log[-2000:]
+    # every candidate was a shared library linked here (the target's compiler) and loaded by the server
+    assert server_log.count("candidate.so") == 4, server_log[-2000:]
 
 
 def test_rpc_tune_with_unknown_key_fails_clearly(tmp_path):
