@@ -84,6 +84,44 @@ def compile_cmd(model: str | None, target: str, output: Path, input_shapes: tupl
                   progress=lambda msg: _stderr(f"[tvmnet] {msg}"))
 
 
+@main.command("tune")
+@click.argument("model", required=False)
+@click.option("--target", "-t", default="x86", show_default=True, help="Target name, alias, or .toml path.")
+@click.option("--trials", type=int, help="Total measured trials over the selected tasks (records already in the log count).")
+@click.option("--trials-per-task", type=int, help="Cap on trials for each task.")
+@click.option("--tasks", "task_names", multiple=True, help="Tune only tasks whose name contains this (repeatable).")
+@click.option("--log-dir", type=click.Path(path_type=Path), help="Database directory (default tuning_logs/<target>/<fingerprint>).")
+@click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True, help="Seconds for one measurement.")
+@click.option("--number", type=int, default=3, show_default=True)
+@click.option("--repeat", type=int, default=1, show_default=True)
+@click.option("--min-repeat-ms", type=int, default=100, show_default=True)
+@click.option("--early-stopping", type=int, help="Stop a task after this many trials without improvement.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--alpha", type=float, default=1.0, show_default=True, help="Width multiplier for zoo models.")
+@click.option("--resolution", type=int, default=224, show_default=True, help="Input resolution for zoo models.")
+@_input_shape
+@click.option("--rpc-tracker", metavar="HOST:PORT", help="Measure on boards registered with this RPC tracker.")
+@click.option("--rpc-key", help="Board key on the tracker (default: the target's rpc_key).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def tune_cmd(model: str | None, target: str, trials: int | None, trials_per_task: int | None,
+             task_names: tuple[str, ...], log_dir: Path | None, timeout_s: float, number: int, repeat: int,
+             min_repeat_ms: int, early_stopping: int | None, seed: int, alpha: float, resolution: int,
+             input_shapes: tuple[str, ...], rpc_tracker: str | None, rpc_key: str | None, as_json: bool) -> None:
+    """Tune MODEL's kernels for TARGET with MetaSchedule; Ctrl-C keeps every measured record, rerun resumes."""
+    from .frontend import parse_input_shapes
+    from .tune import tune
+
+    result = tune(model, target=target, trials=trials, trials_per_task=trials_per_task,
+                  tasks=list(task_names) or None, log_dir=log_dir, timeout_s=timeout_s, number=number,
+                  repeat=repeat, min_repeat_ms=min_repeat_ms, early_stopping=early_stopping, seed=seed,
+                  alpha=alpha, resolution=resolution, input_shapes=parse_input_shapes(input_shapes),
+                  rpc_tracker=rpc_tracker, rpc_key=rpc_key, progress=lambda msg: _stderr(f"[tvmnet] {msg}"))
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        click.echo(result.table())
+
+
 _trust = click.option("--trust", is_flag=True, help="Load even if the library's sha256 differs from the manifest.")
 
 
