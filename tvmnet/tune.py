@@ -406,7 +406,7 @@ def _make_scheduler(state, say, names):
                 if limit and not task.is_terminated and state["stale"][i] >= limit and i not in state["stopped"]:
                     state["stopped"].add(i)
                     say(f"{names[i]}: no improvement in {state['stale'][i]} trials, stopping it early")
-                    self.terminate_task(i)
+                    self._outer().terminate_task(i)
             alive = [i for i, task in enumerate(tasks) if not task.is_terminated]
             if not alive:
                 return -1
