@@ -375,6 +375,16 @@ def _make_progress_callback(names, weights, state, say):
     return _Progress()
 
 
+def _quiet_console() -> None:
+    """MetaSchedule logs every batch's statistics table to stdout; keep that in ``<log_dir>/logs/`` only
+    (the progress callback reports to the user)."""
+    import logging
+
+    for handler in logging.getLogger("tvm.s_tir.meta_schedule").handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setLevel(logging.WARNING)
+
+
 def _make_scheduler(state, say, names):
     """A task scheduler that joins every batch before choosing the next task, so that measured records
     reach the database (and the disk) one batch after they are measured.
@@ -512,6 +522,7 @@ def tune(
             strategy = ms.search_strategy.EvolutionarySearch(population_size=population_size)
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 extracted_tasks=chosen, work_dir=str(log_dir), strategy=strategy, seed=seed)
+            _quiet_console()
             per_iter = max(1, min(num_trials_per_iter, max(per_task_left[i] for i in to_tune)))
             state = {"new": [0] * len(chosen), "best": [before[hashes[i]][1] for i in to_tune],
                      "stale": [0] * len(chosen), "stopped": set(), "done": 0, "budget": remaining,
