@@ -314,5 +314,94 @@ def targets_show(name: str) -> None:
     click.echo(json.dumps(json.loads(get_target(name).tvm_target_json()), indent=2))
 
 
+@main.group("rpc")
+def rpc_group() -> None:
+    """Run a TVM RPC tracker or board server, or ask a tracker which boards it has.
+
+    TVM RPC has no authentication: everything binds to 127.0.0.1 unless --host says otherwise.
+    """
+
+
+def _stop_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt, so the TVM child process is stopped with us, not orphaned."""
+    import signal
+
+    def _terminate(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+def _serve(process: Any, what: str) -> None:
+    """Keep a started tracker/server in the foreground until it exits or Ctrl-C / SIGTERM stops it."""
+    _stderr(f"[tvmnet] {what} listening on {process.address} (Ctrl-C stops it)")
+    try:
+        code = process.proc.wait()
+    except KeyboardInterrupt:
+        process.stop()
+        return
+    if code:
+        sys.exit(code)
+
+
+def _warn_if_public(host: str) -> None:
+    import ipaddress
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        _stderr(f"[tvmnet] warning: binding to {host}: TVM RPC has no authentication, anyone who reaches this "
+                "port can run code here")
+
+
+@rpc_group.command("tracker")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=9190, show_default=True)
+def rpc_tracker_cmd(host: str, port: int) -> None:
+    """Start a tracker that boards register with and tuners ask for boards."""
+    from .rpc import start_tracker
+
+    _warn_if_public(host)
+    _stop_on_sigterm()
+    _serve(start_tracker(host, port), "RPC tracker")
+
+
+@rpc_group.command("server")
+@click.option("--tracker", required=True, metavar="HOST:PORT")
+@click.option("--key", required=True, help="Board key, e.g. rasp4b.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, help="Port to serve on (default: a free one).")
+def rpc_server_cmd(tracker: str, key: str, host: str, port: int | None) -> None:
+    """Start a board server registered with TRACKER under KEY (run this on the board)."""
+    from .rpc import start_server
+
+    _warn_if_public(host)
+    _stop_on_sigterm()
+    _serve(start_server(tracker, key, host=host, port=port), f"RPC server '{key}'")
+
+
+@rpc_group.command("status")
+@click.option("--tracker", required=True, metavar="HOST:PORT")
+@click.option("--json", "as_json", is_flag=True)
+def rpc_status_cmd(tracker: str, as_json: bool) -> None:
+    """List the board keys registered at TRACKER and how many servers of each are free."""
+    from .errors import InputError
+    from .rpc import query_tracker
+
+    host, _, port = tracker.rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"--tracker {tracker!r}: write HOST:PORT, e.g. 127.0.0.1:9190")
+    keys = query_tracker(host, int(port))
+    if as_json:
+        _print_json(keys)
+        return
+    if not keys:
+        click.echo("no boards registered")
+    for key, free in sorted(keys.items()):
+        click.echo(f"{key:<20} {free} free")
+
+
 if __name__ == "__main__":
     main()

@@ -68,19 +68,25 @@ def _spawn(args: list[str], log: Path | None) -> subprocess.Popen:
 
 
 def _wait(condition, proc: subprocess.Popen, what: str, timeout: float, log: Path | None) -> None:
+    """Poll ``condition`` until it holds; the child is terminated if it never does or we are interrupted."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
-            raise TvmnetError(f"{what} exited with status {proc.returncode}" + (f":\n{tail}" if tail else ""))
-        try:
-            if condition():
-                return
-        except (OSError, TvmnetError):
-            pass
-        time.sleep(0.25)
-    proc.terminate()
-    raise TvmnetError(f"{what} did not come up within {timeout:.0f} s")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+                raise TvmnetError(f"{what} exited with status {proc.returncode}" + (f":\n{tail}" if tail else ""))
+            try:
+                if condition():
+                    return
+            except (OSError, TvmnetError):
+                pass
+            time.sleep(0.25)
+        raise TvmnetError(f"{what} did not come up within {timeout:.0f} s")
+    except BaseException:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+        raise
 
 
 def start_tracker(host: str = LOCALHOST, port: int | None = None, *, log: str | os.PathLike | None = None,
