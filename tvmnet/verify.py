@@ -31,7 +31,7 @@ class VerifyReport:
 
 
 def reference_outputs(model_path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Run the ONNX model in onnxruntime on the CPU, one thread per core as the artifact does."""
+    """Run the ONNX model in onnxruntime on the CPU with its default session options."""
     import onnxruntime as ort
 
     try:
