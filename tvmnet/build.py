@@ -89,7 +89,7 @@ def _load_database(tuning_logs: str | os.PathLike | None, fused=None, spec: Targ
             return None, None
         from . import tune
 
-        if not (tune._log_root() / spec.name).is_dir():  # skip extracting tasks when nothing was ever tuned
+        if not (tune.log_root() / spec.name).is_dir():  # skip extracting tasks when nothing was ever tuned
             return None, None
         path = tune.default_log_dir(fused, spec)
         if not tune.has_database(path):

@@ -128,7 +128,8 @@ def fingerprint_tasks(tasks: Sequence) -> str:
     return digest[:16]
 
 
-def _log_root() -> Path:
+def log_root() -> Path:
+    """Where default log directories live: ``$TVMNET_TUNING_LOGS``, else ``tuning_logs`` in the cwd."""
     return Path(os.environ.get(LOG_ROOT_ENV) or DEFAULT_LOG_ROOT)
 
 
@@ -156,7 +157,7 @@ def default_log_dir(model, target) -> Path:
     spec = _target_spec(target)
     tvm_target = spec.tvm_target()
     tasks = extract_tasks(_fused_of(model, tvm_target), tvm_target)
-    return _log_root() / spec.name / fingerprint_tasks(tasks)
+    return log_root() / spec.name / fingerprint_tasks(tasks)
 
 
 def has_database(path: str | os.PathLike) -> bool:
@@ -488,7 +489,7 @@ def tune(
     all_tasks = extract_tasks(fused, tvm_target)
     fingerprint = fingerprint_tasks(all_tasks)
     selected = _select(all_tasks, tasks)
-    log_dir = Path(log_dir) if log_dir is not None else _log_root() / spec.name / fingerprint
+    log_dir = Path(log_dir) if log_dir is not None else log_root() / spec.name / fingerprint
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
