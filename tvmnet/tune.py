@@ -393,8 +393,9 @@ def _make_scheduler(state, say, names):
     MetaSchedule's "gradient" scheduler (tune_relax's default) sends one batch per task round-robin in
     its first round and joins none of them until the round is over: for MobileNetV2 (33 tasks x 64)
     that is the whole default budget, and a kill loses every measurement. This one picks untried
-    tasks first, then the task with the largest weight x best latency, damped by how often it was
-    picked; it also applies ``early_stopping``.
+    tasks first (those without any record, then the costliest by weight x best latency, so a resumed
+    run spends its first batches where the time is), then the task with the largest weight x best
+    latency, damped by how often it was picked; it also applies ``early_stopping``.
     """
     ms = _ms()
     from tvm.ir.utils import derived_object
@@ -421,16 +422,15 @@ def _make_scheduler(state, say, names):
             alive = [i for i, task in enumerate(tasks) if not task.is_terminated]
             if not alive:
                 return -1
+            def cost(i):
+                best = state["best"][i]
+                return math.inf if best is None else state["weights"][i] * best
+
             fresh = [i for i in alive if self.picks[i] == 0]
             if fresh:
-                choice = fresh[0]
+                choice = max(fresh, key=cost)
             else:
-                def score(i):
-                    best = state["best"][i]
-                    cost = math.inf if best is None else state["weights"][i] * best
-                    return cost / math.sqrt(self.picks[i])
-
-                choice = max(alive, key=score)
+                choice = max(alive, key=lambda i: cost(i) / math.sqrt(self.picks[i]))
             self.picks[choice] += 1
             self.pending.append(choice)
             return choice
