@@ -137,3 +137,104 @@ def test_load_incomplete_artifact(tmp_path):
         tvmnet.load(tmp_path)
     with pytest.raises(ArtifactError, match="not a tvmnet artifact"):
         tvmnet.load(tmp_path / "missing")
+
+
+def _tiny(**kwargs) -> onnx.ModelProto:
+    return zoo.build_model("mobilenet_v1", alpha=0.25, resolution=96, num_classes=10, **kwargs)
+
+
+def _externalize(model: onnx.ModelProto, location: str) -> onnx.TensorProto:
+    """Point the biggest weight at external file ``location`` (and drop its inline bytes)."""
+    init = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    size = len(init.raw_data)
+    init.ClearField("raw_data")
+    init.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(size))):
+        init.external_data.add(key=key, value=value)
+    return init
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+def test_external_data_outside_the_model_folder_is_refused(tmp_path, how):
+    model = _tiny()
+    payload = max(model.graph.initializer, key=lambda t: len(t.raw_data)).raw_data
+    folder = tmp_path / "m"
+    folder.mkdir()
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes(payload)  # valid weights: refused for where they are, not for what they are
+    location = {"dotdot": "../secret.bin", "absolute": str(outside), "symlink": "w.bin"}[how]
+    if how == "symlink":
+        (folder / "w.bin").symlink_to(outside)
+    _externalize(model, location)
+    (folder / "model.onnx").write_bytes(model.SerializeToString())
+    _compile_fails(folder / "model.onnx", tmp_path, ModelError, "outside the model's folder|relative path inside")
+
+
+def test_external_data_inside_the_folder_compiles(tmp_path):
+    from conftest import compile_and_compare
+
+    model = _tiny()
+    payload = max(model.graph.initializer, key=lambda t: len(t.raw_data)).raw_data
+    (tmp_path / "w.bin").write_bytes(payload)
+    external = onnx.ModelProto()
+    external.CopyFrom(model)
+    _externalize(external, "w.bin")
+    (tmp_path / "model.onnx").write_bytes(external.SerializeToString())
+    artifact = tvmnet.compile(tmp_path / "model.onnx", output=tmp_path / "out")
+    compiled = tvmnet.load(artifact)
+    x = np.random.default_rng(0).standard_normal((1, 3, 96, 96)).astype("float32")
+    from conftest import ort_run
+
+    np.testing.assert_allclose(compiled.run(x), ort_run(model, {"input": x})[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ModelError, match="pass the .onnx file's path"):  # in memory: no folder to read from
+        tvmnet.compile(external, output=tmp_path / "out2")
+
+
+def test_huge_dims_are_refused_before_any_work(tmp_path):
+    model = _tiny()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2**40
+    _compile_fails(model, tmp_path, ModelError, r"over the 268435456 tvmnet accepts")
+    _compile_fails(_tiny(batch=None), tmp_path, InputError, "over the", input_shapes={"input": [2**20, 3, 96, 96]})
+
+
+def test_weight_whose_bytes_do_not_fit_its_shape(tmp_path):
+    model = _tiny()
+    model.graph.initializer[0].dims[0] -= 1
+    _compile_fails(model, tmp_path, ModelError, "declares shape .* but holds")
+
+
+def test_graph_without_outputs_or_with_unused_input(tmp_path):
+    model = _tiny()
+    del model.graph.output[:]
+    _compile_fails(model, tmp_path, ModelError, "declares no graph outputs")
+    model = _tiny()
+    model.graph.input.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, [1, 4]))
+    _compile_fails(model, tmp_path, ModelError, "graph input.* extra that no node uses")
+
+
+def test_corrupted_text_and_metadata(tmp_path):
+    model = _tiny()
+    model.graph.node[0].name = "NAME0"
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString().replace(b"NAME0", b"N\xffM\xfe0"))
+    _compile_fails(path, tmp_path, ModelError, r"node\[0\].name is not UTF-8")
+    model = _tiny()
+    next(p for p in model.metadata_props if p.key == "tvmnet.std").value = "0,0,0"
+    _compile_fails(model, tmp_path, ModelError, "malformed metadata tvmnet.std")
+
+
+def test_tvm_importer_failure_is_one_clean_line(tmp_path):
+    """TVM prints to stdout and logs from C++ as it fails; the CLI shows only tvmnet's line."""
+    import subprocess
+    import sys
+
+    model = _tiny()
+    next(a for a in model.graph.node[2].attribute if a.name == "group").i = -7
+    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+    done = subprocess.run([sys.executable, "-m", "tvmnet.cli", "compile", "m.onnx", "-o", "out"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("[tvmnet] ")]
+    assert lines == ["tvmnet: error: TVM's ONNX frontend could not import the model: Check failed: groups > 0 "
+                     "(-7 vs. 0) : The number of groups in convolution is expected to be positive. However, the "
+                     "given number of groups is -7"], done.stderr

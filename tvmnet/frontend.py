@@ -7,7 +7,12 @@ is first canonicalized with onnxslim on static shapes: shapes inferred, constant
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import re
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -21,6 +26,10 @@ from .manifest import TensorSpec
 MIN_OPSET = 11
 """Older models are converted to ``CONVERT_TO_OPSET`` first (the frontend's coverage is best there)."""
 CONVERT_TO_OPSET = 13
+MAX_INPUT_ELEMENTS = 2**28
+"""Largest input tensor accepted (1 GiB of float32); larger ones are a corrupted or hostile shape."""
+MAX_TENSOR_ELEMENTS = 2**31 - 1
+"""Largest tensor anywhere in the graph: past it, 32-bit indexing and memory both give out."""
 
 InputShapes = Mapping[str, Sequence[int]]
 
@@ -36,18 +45,76 @@ class ImportedModel:
     """The model as the user gave it, for the artifact's reference copy and its sha256."""
 
     def to_relax(self):
-        """The Relax IRModule, weights embedded as constants."""
+        """The Relax IRModule, weights embedded as constants.
+
+        TVM's importer prints to stdout and its C++ side logs to stderr when it fails (the failed
+        BlockBuilder complains as it is destroyed, possibly at exit); both are captured here so a
+        failure is the one-line ``ModelError`` alone. The captured text rides on the error as a note.
+        """
         from tvm.relax.frontend.onnx import from_onnx
 
+        message = None
+        with _captured_native_output() as captured:
+            try:
+                return from_onnx(
+                    self.onnx_model,
+                    shape_dict={spec.name: list(spec.shape) for spec in self.inputs},
+                    dtype_dict={spec.name: spec.dtype for spec in self.inputs},
+                )
+            except Exception as exc:
+                message = one_line(exc)
+            gc.collect()  # outside the except block: the importer's frames (and its BlockBuilder) die here
+        error = ModelError(f"TVM's ONNX frontend could not import the model: {message}")
+        if captured.text.strip() and hasattr(error, "add_note"):
+            error.add_note("TVM's output:\n" + captured.text.strip())
+        raise error
+
+
+class _Captured:
+    text = ""
+
+
+@contextlib.contextmanager
+def _captured_native_output():
+    """Send file descriptors 1 and 2 (Python's and native code's output) to a temporary file.
+
+    Process-wide while it lasts: output from other threads in that window is captured too.
+    """
+    captured = _Captured()
+    for stream in (sys.stdout, sys.stderr):
         try:
-            return from_onnx(
-                self.onnx_model,
-                shape_dict={spec.name: list(spec.shape) for spec in self.inputs},
-                dtype_dict={spec.name: spec.dtype for spec in self.inputs},
-            )
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"TVM's ONNX frontend could not import the model: {first}") from None
+            stream.flush()
+        except Exception:
+            pass
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no usable descriptors (a daemon with them closed): nothing to protect
+        yield captured
+        return
+    with tempfile.TemporaryFile() as sink:
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield captured
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            captured.text = sink.read(64 * 1024).decode(errors="replace")
+
+
+def one_line(exc: BaseException | str, limit: int = 400) -> str:
+    """An exception's message as one line: whitespace collapsed, checker context dropped, shortened."""
+    text = str(exc).split("==> Context:")[0]
+    text = " ".join(text.split()) or (type(exc).__name__ if isinstance(exc, BaseException) else "")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def parse_input_shapes(items: Sequence[str]) -> dict[str, list[int]]:
@@ -68,8 +135,17 @@ def parse_input_shapes(items: Sequence[str]) -> dict[str, list[int]]:
 
 
 def read_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, bytes]:
-    """Parse an ONNX file (or take a ModelProto) and return it with its serialized bytes."""
+    """Parse an ONNX file (or take a ModelProto) and return it with its serialized bytes.
+
+    External weight files must be plain files inside the model's folder: a location that is absolute,
+    climbs out with ``..`` or resolves (through symlinks) outside the folder is refused before anything
+    is opened.
+    """
     if isinstance(source, onnx.ModelProto):
+        _check_structure(source, "the model")
+        if _external_tensors(source):
+            raise ModelError("the model keeps weights in external files; pass the .onnx file's path (not a "
+                             "ModelProto) so they are read from its folder")
         return source, source.SerializeToString()
     path = Path(source)
     try:
@@ -86,13 +162,131 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
         raise ModelError(f"{path} is not a valid ONNX model (truncated, or not an ONNX file)") from None
     if not model.graph.node or not model.opset_import:
         raise ModelError(f"{path} is not a valid ONNX model (no graph nodes or no opset; truncated or not ONNX)")
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+    _check_structure(model, str(path))
+    external = _external_tensors(model)
+    if external:
+        folder = path.resolve().parent
+        for tensor in external:
+            _check_external_location(tensor, folder, path)
         try:
-            onnx.load_external_data_for_model(model, str(path.resolve().parent))
+            onnx.load_external_data_for_model(model, str(folder))
         except Exception as exc:
-            raise ModelError(f"{path}: cannot load its external weight files: {exc}") from None
+            raise ModelError(f"{path}: cannot load its external weight files: {one_line(exc)}") from None
         data = model.SerializeToString()
     return model, data
+
+
+def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def _check_external_location(tensor: onnx.TensorProto, folder: Path, path: Path) -> None:
+    """Refuse external data that is not a regular file inside ``folder`` (the model's own folder)."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = info.get("location", "")
+    where = f"{path}: weight '{tensor.name}' is stored in external file {location!r}"
+    relative = Path(location)
+    if not location or relative.is_absolute() or location.startswith(("/", "\\")) or ".." in relative.parts \
+            or "\\" in location or "\0" in location:
+        raise ModelError(f"{where}; external data must be a relative path inside the model's folder, refusing it")
+    resolved = (folder / relative).resolve()
+    if not resolved.is_relative_to(folder):
+        raise ModelError(f"{where}, which resolves outside the model's folder ({resolved}); refusing it")
+    if not resolved.is_file():
+        raise ModelError(f"{where}, which is missing or not a regular file; keep it next to the model")
+    size = resolved.stat().st_size
+    numbers = {}
+    for key in ("offset", "length"):
+        text = info.get(key, "0" if key == "offset" else str(size))
+        if not re.fullmatch(r"[0-9]{1,20}", text):
+            raise ModelError(f"{where} with {key} {text!r}, which is not a byte count")
+        numbers[key] = int(text)
+    if numbers["offset"] + numbers["length"] > size:
+        raise ModelError(f"{where} at offset {numbers['offset']} length {numbers['length']}, beyond the file's "
+                         f"{size} bytes")
+
+
+def _check_text_fields(message, what: str, path: str = "model") -> None:
+    """protobuf hands back ``bytes`` for a string field that is not UTF-8; nothing downstream expects it."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    for field, value in message.ListFields():
+        if field.type == FieldDescriptor.TYPE_STRING:
+            values = value if _is_repeated(field) else [value]
+            if any(not isinstance(v, str) for v in values):
+                raise ModelError(f"{what} is corrupted: its field {path}.{field.name} is not UTF-8 text")
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            for index, item in enumerate(value if _is_repeated(field) else [value]):
+                _check_text_fields(item, what, f"{path}.{field.name}[{index}]" if _is_repeated(field) else
+                                   f"{path}.{field.name}")
+
+
+def _is_repeated(field) -> bool:
+    repeated = getattr(field, "is_repeated", None)  # protobuf >= 5.29; ``label`` is deprecated there
+    return bool(repeated) if repeated is not None else field.label == field.LABEL_REPEATED
+
+
+def _check_metadata(model: onnx.ModelProto, what: str) -> None:
+    """tvmnet's own preprocessing metadata (``tvmnet.mean`` / ``tvmnet.std``) must be three finite numbers."""
+    for prop in model.metadata_props:
+        if prop.key in ("tvmnet.mean", "tvmnet.std"):
+            try:
+                values = [float(v) for v in prop.value.split(",")]
+            except ValueError:
+                values = []
+            if len(values) != 3 or not all(np.isfinite(values)) or prop.key == "tvmnet.std" and 0 in values:
+                raise ModelError(f"{what} has malformed metadata {prop.key}={prop.value!r}; expected three "
+                                 "comma-separated numbers (std non-zero)")
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _check_structure(model: onnx.ModelProto, what: str) -> None:
+    """Checks the ONNX checker leaves to later, where the failure would be far less clear."""
+    _check_text_fields(model, what)
+    _check_metadata(model, what)
+    graph = model.graph
+    if not graph.node:
+        raise ModelError(f"{what} has an empty graph (no nodes)")
+    if not graph.output:
+        raise ModelError(f"{what} declares no graph outputs; a classifier needs one")
+    initializers = {init.name for init in graph.initializer}
+    inputs = [value.name for value in graph.input if value.name not in initializers]
+    if not inputs:
+        raise ModelError(f"{what} declares no graph inputs (besides weights); a classifier needs one")
+    consumed = {name for node in graph.node for name in node.input} | {value.name for value in graph.output}
+    unused = [name for name in inputs if name not in consumed]
+    if unused:  # TVM's importer drops them, and the compiled function would not take what the manifest lists
+        raise ModelError(f"{what} declares graph input(s) {', '.join(unused)} that no node uses; remove them "
+                         "from graph.input")
+    for init in graph.initializer:
+        if any(d < 0 for d in init.dims):
+            raise ModelError(f"weight '{init.name}' has a negative dimension {list(init.dims)}")
+        count = int(np.prod([int(d) for d in init.dims], dtype=object)) if init.dims else 1
+        if count > MAX_TENSOR_ELEMENTS:
+            raise ModelError(f"weight '{init.name}' declares shape {list(init.dims)} ({count} values), "
+                             f"over the {MAX_TENSOR_ELEMENTS} tvmnet accepts; the model is corrupted")
+        if init.data_location == onnx.TensorProto.EXTERNAL or init.data_type in (0, onnx.TensorProto.STRING):
+            continue
+        try:
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+        except Exception:
+            raise ModelError(f"weight '{init.name}' has unknown data type {init.data_type}") from None
+        if init.HasField("raw_data"):
+            have, want = len(init.raw_data), count * itemsize
+            unit = "bytes"
+        else:
+            have = max(len(getattr(init, name)) for name in _TYPED_FIELDS)
+            want = count * (2 if init.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1)
+            unit = "values"
+            if init.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.BOOL,
+                                  onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
+                                  onnx.TensorProto.UINT16):
+                continue  # packed into int32_data in ways that vary with the type; the checker handles these
+        if have != want:
+            raise ModelError(f"weight '{init.name}' declares shape {list(init.dims)} ({want} {unit}) but holds "
+                             f"{have} {unit}; the model is corrupted")
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
@@ -131,7 +325,15 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
 
 
 def _dtype(value: onnx.ValueInfoProto) -> str:
-    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)).name
+    elem_type = value.type.tensor_type.elem_type
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except Exception:
+        dtype = None
+    if dtype is None or dtype.kind not in "fiub":
+        name = onnx.TensorProto.DataType.Name(elem_type) if elem_type in onnx.TensorProto.DataType.values() else elem_type
+        raise ModelError(f"tensor '{value.name}' has element type {name}; tvmnet compiles numeric tensors only")
+    return dtype.name
 
 
 def _bind_input_shapes(model: onnx.ModelProto, shapes: InputShapes) -> list[TensorSpec]:
@@ -152,16 +354,30 @@ def _bind_input_shapes(model: onnx.ModelProto, shapes: InputShapes) -> list[Tens
                 raise InputError(f"--input-shape {value.name}:{','.join(map(str, given))} does not fit the model's "
                                  f"shape {dims} for input '{value.name}'")
             dims = given
+            _check_size(f"--input-shape {value.name}", dims, MAX_INPUT_ELEMENTS, InputError)
         elif any(not isinstance(d, int) for d in dims) or not dims and not value.type.tensor_type.HasField("shape"):
             example = ",".join(str(d) if isinstance(d, int) else "1" for d in dims) or "1,3,224,224"
             raise InputError(f"input '{value.name}' has dynamic shape {dims}; bind it with "
                              f"--input-shape {value.name}:{example}")
+        _check_size(f"input '{value.name}'", dims, MAX_INPUT_ELEMENTS)
         tensor_shape = value.type.tensor_type.shape
         for dim, size in zip(tensor_shape.dim, dims):
             dim.Clear()
             dim.dim_value = int(size)
         specs.append(TensorSpec(value.name, tuple(int(d) for d in dims), _dtype(value)))
     return specs
+
+
+def _check_size(what: str, dims: Sequence[int], limit: int, error: type[Exception] = ModelError) -> None:
+    """Refuse zero-sized dimensions and tensors with more than ``limit`` elements."""
+    if any(int(d) < 1 for d in dims):
+        raise error(f"{what} has shape {list(dims)}; every dimension must be at least 1")
+    count = 1
+    for d in dims:
+        count *= int(d)
+    if count > limit:
+        raise error(f"{what} has shape {list(dims)} ({count} elements), over the {limit} tvmnet accepts; "
+                    "a corrupted model or a mistyped --input-shape")
 
 
 def _canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -174,7 +390,8 @@ def _canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         slimmed = onnxslim.slim(model)
     except Exception as exc:
-        raise ModelError(f"could not canonicalize the model (shape inference / constant folding): {exc}") from None
+        raise ModelError(f"could not canonicalize the model (shape inference / constant folding): {one_line(exc)}") \
+            from None
     if slimmed is None:
         raise ModelError("could not canonicalize the model: onnxslim returned nothing")
     return onnx.shape_inference.infer_shapes(slimmed, strict_mode=False)
@@ -186,14 +403,14 @@ def load_onnx(source: str | os.PathLike | onnx.ModelProto, input_shapes: InputSh
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
-        raise ModelError(f"the ONNX checker rejects the model: {str(exc).strip().splitlines()[0]}") from None
+        raise ModelError(f"the ONNX checker rejects the model: {one_line(exc)}") from None
     opset = _default_opset(model)
     if opset < MIN_OPSET:
         try:
             model = onnx.version_converter.convert_version(model, CONVERT_TO_OPSET)
         except Exception as exc:
             raise ModelError(f"the model uses opset {opset}; converting it to opset {CONVERT_TO_OPSET} failed: "
-                             f"{str(exc).splitlines()[0]}") from None
+                             f"{one_line(exc)}") from None
     check_supported_ops(model)
     model = onnx.ModelProto.FromString(model.SerializeToString())  # work on a copy: binding edits in place
     inputs = _bind_input_shapes(model, input_shapes or {})
@@ -205,4 +422,8 @@ def load_onnx(source: str | os.PathLike | onnx.ModelProto, input_shapes: InputSh
             raise ModelError(f"output '{value.name}' still has a dynamic shape {dims} after binding the inputs; "
                              "tvmnet compiles static shapes only")
         outputs.append(TensorSpec(value.name, tuple(dims), _dtype(value)))
+    for value in [*model.graph.value_info, *model.graph.output]:
+        dims = _dims(value)
+        if all(isinstance(d, int) for d in dims):
+            _check_size(f"tensor '{value.name}'", dims, MAX_TENSOR_ELEMENTS)
     return ImportedModel(onnx_model=model, inputs=inputs, outputs=outputs, source_bytes=source_bytes)
