@@ -1,0 +1,96 @@
+"""Runtime input validation beyond tests/test_errors.py: NaN/Inf warnings, non-contiguous and
+read-only arrays, non-array inputs, byte order, missing inputs. All before TVM sees the data."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import tvmnet
+from tvmnet.errors import InputError
+
+SHAPE = (1, 3, 96, 96)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_v2_artifact):
+    return tvmnet.load(tiny_v2_artifact)
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(0).standard_normal(SHAPE).astype("float32")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_warns_and_still_runs(model, x, bad):
+    y = x.copy()
+    y[0, 1, 2, 3] = bad
+    with pytest.warns(UserWarning, match="input 'input' contains NaN or Inf"):
+        out = model.run(y)
+    assert out.shape == (1, 1000)
+
+
+def test_finite_input_does_not_warn(model, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.run(x)
+
+
+@pytest.mark.parametrize("view", ["strided", "fortran", "reversed", "transposed"])
+def test_non_contiguous_arrays_are_copied_and_give_the_same_result(model, x, view):
+    if view == "strided":
+        big = np.zeros((1, 3, 192, 192), "float32")
+        big[:, :, ::2, ::2] = x
+        arg = big[:, :, ::2, ::2]
+    elif view == "fortran":
+        arg = np.asfortranarray(x)
+    elif view == "reversed":
+        arg = np.ascontiguousarray(x[..., ::-1])[..., ::-1]
+    else:
+        arg = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    assert not arg.flags.c_contiguous and np.array_equal(arg, x)
+    before = arg.copy()
+    assert model.run(arg).tobytes() == model.run(x).tobytes()
+    assert np.array_equal(arg, before)  # the caller's array is untouched
+
+
+def test_read_only_array_is_accepted(model, x):
+    y = x.copy()
+    y.flags.writeable = False
+    assert model.run(y).tobytes() == model.run(x).tobytes()
+
+
+@pytest.mark.parametrize("arg", [[[0.0]], (0.0,), 0.0, None, "image.jpg", memoryview(b"abcd")],
+                         ids=["list", "tuple", "float", "None", "str", "memoryview"])
+def test_non_arrays_are_refused(model, arg):
+    with pytest.raises(InputError, match="input 'input' must be a numpy array, got"):
+        model.run(arg)
+
+
+def test_lists_are_refused_even_with_the_right_shape(model, x):
+    with pytest.raises(InputError, match="must be a numpy array, got list"):
+        model.run(x.tolist())
+
+
+@pytest.mark.parametrize("dtype", [">f4", "int32", "float16", "uint8"])
+def test_other_dtypes_and_byte_orders_are_refused(model, x, dtype):
+    with pytest.raises(InputError, match=r"has dtype .*, expected float32 \(convert with .astype\('float32'\)\)"):
+        model.run(x.astype(dtype))
+
+
+def test_wrong_rank_and_scalar_array(model):
+    with pytest.raises(InputError, match=r"shape \[3, 96, 96\], expected \[1, 3, 96, 96\]"):
+        model.run(np.zeros((3, 96, 96), "float32"))
+    with pytest.raises(InputError, match=r"shape \[\], expected"):
+        model.run(np.zeros((), "float32"))
+
+
+def test_dict_inputs(model, x):
+    assert model.run({"input": x}).tobytes() == model.run(x).tobytes()
+    with pytest.raises(InputError, match="missing input"):
+        model.run({})
+    with pytest.raises(InputError, match="unknown input name"):
+        model.run({"input": x, "extra": x})
