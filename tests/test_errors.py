@@ -238,3 +238,12 @@ def test_tvm_importer_failure_is_one_clean_line(tmp_path):
     assert lines == ["tvmnet: error: TVM's ONNX frontend could not import the model: Check failed: groups > 0 "
                      "(-7 vs. 0) : The number of groups in convolution is expected to be positive. However, the "
                      "given number of groups is -7"], done.stderr
+
+
+def test_conv_bias_of_the_wrong_rank(tmp_path):
+    """Found by the fuzz: TVM compiled a [C, 1] Conv bias that onnxruntime refuses to run."""
+    model = _tiny()
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and len(n.input) == 3)
+    bias = next(i for i in model.graph.initializer if i.name == conv.input[2])
+    bias.dims.append(1)
+    _compile_fails(model, tmp_path, ModelError, r"has shape \[\d+, 1\]; ONNX requires a 1-D bias")

@@ -289,6 +289,38 @@ def _check_structure(model: onnx.ModelProto, what: str) -> None:
                              f"{have} {unit}; the model is corrupted")
 
 
+def _check_weight_shapes(model: onnx.ModelProto) -> None:
+    """Shapes the ONNX checker does not look at and TVM would broadcast its way through (it compiles a
+    Conv whose bias is [24, 1]; onnxruntime refuses to run that model): weights of Conv, Gemm and
+    BatchNormalization must have the ranks and sizes the ONNX operator specs require."""
+    dims = {init.name: list(init.dims) for init in model.graph.initializer}
+
+    def shape(node: onnx.NodeProto, index: int) -> list[int] | None:
+        return dims.get(node.input[index]) if len(node.input) > index and node.input[index] else None
+
+    for index, node in enumerate(model.graph.node):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        where = f"{node.op_type} node '{node.name or f'#{index}'}'"
+        weight, bias = shape(node, 1), shape(node, 2)
+        if node.op_type in ("Conv", "ConvTranspose") and weight is not None:
+            if len(weight) < 3:
+                raise ModelError(f"{where}: weight {node.input[1]} has shape {weight}; a convolution weight has "
+                                 "rank 3 or more")
+            channels = weight[0] if node.op_type == "Conv" else None
+            if bias is not None and (len(bias) != 1 or channels is not None and bias[0] != channels):
+                raise ModelError(f"{where}: bias {node.input[2]} has shape {bias}; ONNX requires a 1-D bias of "
+                                 f"{channels if channels is not None else 'output-channel'} values")
+        elif node.op_type == "Gemm" and weight is not None and len(weight) != 2:
+            raise ModelError(f"{where}: B {node.input[1]} has shape {weight}; Gemm takes 2-D matrices")
+        elif node.op_type == "BatchNormalization":
+            params = [shape(node, k) for k in range(1, 5)]
+            known = [p for p in params if p is not None]
+            if any(len(p) != 1 for p in known) or len({p[0] for p in known}) > 1:
+                raise ModelError(f"{where}: scale/bias/mean/var have shapes {params}; ONNX requires four 1-D "
+                                 "tensors of the channel count")
+
+
 def _default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
@@ -412,6 +444,7 @@ def load_onnx(source: str | os.PathLike | onnx.ModelProto, input_shapes: InputSh
             raise ModelError(f"the model uses opset {opset}; converting it to opset {CONVERT_TO_OPSET} failed: "
                              f"{one_line(exc)}") from None
     check_supported_ops(model)
+    _check_weight_shapes(model)
     model = onnx.ModelProto.FromString(model.SerializeToString())  # work on a copy: binding edits in place
     inputs = _bind_input_shapes(model, input_shapes or {})
     model = _canonicalize(model)
