@@ -412,6 +412,21 @@ def _check_size(what: str, dims: Sequence[int], limit: int, error: type[Exceptio
                     "a corrupted model or a mistyped --input-shape")
 
 
+def _check_types_and_shapes(model: onnx.ModelProto) -> None:
+    """ONNX's strict shape and type inference on the shape-bound model: what the checker leaves out (an
+    output declared double that a Gemm computes as float, a Conv fed a 3-D tensor). TVM compiles some
+    of these anyway, into artifacts whose manifest would not describe them."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]  # exporters' stale intermediate shapes must not clash with the bound input
+    for output in probe.graph.output:
+        output.type.tensor_type.ClearField("shape")  # declared types still count, declared shapes do not
+    try:
+        onnx.shape_inference.infer_shapes(probe, strict_mode=True, check_type=True)
+    except Exception as exc:
+        raise ModelError(f"ONNX shape/type inference rejects the model: {one_line(exc)}") from None
+
+
 def _canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Infer shapes and fold constant subgraphs with onnxslim, on the now static shapes."""
     import onnxslim
@@ -447,9 +462,12 @@ def load_onnx(source: str | os.PathLike | onnx.ModelProto, input_shapes: InputSh
     _check_weight_shapes(model)
     model = onnx.ModelProto.FromString(model.SerializeToString())  # work on a copy: binding edits in place
     inputs = _bind_input_shapes(model, input_shapes or {})
+    _check_types_and_shapes(model)
     model = _canonicalize(model)
     outputs = []
     for value in model.graph.output:
+        if not value.type.tensor_type.HasField("shape"):
+            raise ModelError(f"the shape of output '{value.name}' cannot be inferred from the inputs' shapes")
         dims = _dims(value)
         if any(not isinstance(d, int) for d in dims):
             raise ModelError(f"output '{value.name}' still has a dynamic shape {dims} after binding the inputs; "
