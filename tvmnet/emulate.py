@@ -543,6 +543,7 @@ def stop(key: str | None = None, tracker: str | None = None, timeout: float = 10
     for server in servers:
         _kill(server.pid, timeout)
         server.state_file.unlink(missing_ok=True)
+        Path(server.log).unlink(missing_ok=True)  # a board that died by itself keeps its log for diagnosis
     return servers
 
 
