@@ -247,3 +247,10 @@ def test_conv_bias_of_the_wrong_rank(tmp_path):
     bias = next(i for i in model.graph.initializer if i.name == conv.input[2])
     bias.dims.append(1)
     _compile_fails(model, tmp_path, ModelError, r"has shape \[\d+, 1\]; ONNX requires a 1-D bias")
+
+
+def test_opset_newer_than_onnx_knows(tmp_path):
+    """Found by the long fuzz run: the checker accepts opset 99, TVM compiled it, onnxruntime refuses it."""
+    model = _tiny()
+    model.opset_import[0].version = 99
+    _compile_fails(model, tmp_path, ModelError, "claims opset 99, newer than any this onnx")

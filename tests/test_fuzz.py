@@ -160,7 +160,8 @@ def m_flip_field(data, case):
         init.data_type = _pick(data, ELEM_TYPES, "elem_type")
         return f"initializer {init.name} data_type -> {init.data_type}"
     if what == "metadata":
-        prop = next(p for p in case.model.metadata_props if p.key == _pick(data, ("tvmnet.mean", "tvmnet.std"), "key"))
+        key = _pick(data, ("tvmnet.mean", "tvmnet.std"), "key")
+        prop = next(p for p in case.model.metadata_props if p.key == key)
         prop.value = _pick(data, ("", "1,2", "nan,0,1", "a,b,c", "0,0,0", "1,1,1"), "value")
         return f"metadata {prop.key}={prop.value!r}"
     if what == "not_utf8":

@@ -452,6 +452,10 @@ def load_onnx(source: str | os.PathLike | onnx.ModelProto, input_shapes: InputSh
     except Exception as exc:
         raise ModelError(f"the ONNX checker rejects the model: {one_line(exc)}") from None
     opset = _default_opset(model)
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:  # the checker lets it through; onnxruntime refuses it, TVM would guess
+        raise ModelError(f"the model claims opset {opset}, newer than any this onnx {onnx.__version__} knows "
+                         f"(up to {newest}); export it with opset {newest} or lower")
     if opset < MIN_OPSET:
         try:
             model = onnx.version_converter.convert_version(model, CONVERT_TO_OPSET)
