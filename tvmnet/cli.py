@@ -403,5 +403,81 @@ def rpc_status_cmd(tracker: str, as_json: bool) -> None:
         click.echo(f"{key:<20} {free} free")
 
 
+@main.command("emulate")
+@click.argument("target", default="rasp4b")
+@click.option("--tracker", metavar="HOST:PORT", help="Tracker to register with [default: 127.0.0.1:9190].")
+@click.option("--key", help="Board key (default: the target's rpc_key).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the emulated board serves on.")
+@click.option("--port", type=int, help="Port it serves on (default: a free one).")
+@click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True,
+              help="Seconds to wait for it to register (importing TVM under qemu is slow).")
+@click.option("--setup-only", is_flag=True, help="Prepare the cached aarch64 sysroot and exit.")
+@click.option("--rebuild", is_flag=True, help="Prepare the sysroot afresh even if the cached one looks fine.")
+@click.option("--status", "show_status", is_flag=True, help="Show the cached sysroot and the running emulated boards.")
+@click.option("--stop", "stop_it", is_flag=True, help="Stop the emulated board(s) with this key (and --tracker).")
+@click.option("--json", "as_json", is_flag=True, help="Print --status / the started board as JSON.")
+def emulate_cmd(target: str, tracker: str | None, key: str | None, host: str, port: int | None, timeout_s: float,
+                setup_only: bool, rebuild: bool, show_status: bool, stop_it: bool, as_json: bool) -> None:
+    """Run an emulated TARGET board (qemu-user, aarch64 only) on an RPC tracker, to check ARM builds without one.
+
+    Prepares once a cached Debian arm64 sysroot with the aarch64 wheels of TVM ($TVMNET_EMULATOR_CACHE moves
+    it; needs debootstrap and qemu-user-static), then starts TVM's RPC server in it under qemu and returns once
+    the tracker lists it. Results are the board's; timings are not.
+    """
+    from . import emulate
+    from .errors import InputError
+    from .targets import get_target
+
+    if sum((setup_only, show_status, stop_it)) > 1:
+        raise InputError("give at most one of --setup-only, --status, --stop")
+    spec = get_target(target)
+    say = lambda msg: _stderr(f"[tvmnet] {msg}")  # noqa: E731
+    if show_status:
+        info = emulate.status(spec.arch)
+        if as_json:
+            _print_json(info)
+            return
+        if info["ready"]:
+            m = info["marker"]
+            click.echo(f"{info['arch']} sysroot: ready at {info['path']} (Debian {m['debian']}, Python {m['python']}, "
+                       + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ")")
+        else:
+            click.echo(f"{info['arch']} sysroot: {info['problem']} ({info['path']}); "
+                       f"tvmnet emulate {spec.name} --setup-only prepares it")
+        click.echo(f"qemu: {info['qemu'] or 'missing (apt-get install qemu-user-static)'}; "
+                   f"debootstrap: {info['debootstrap'] or 'missing (apt-get install debootstrap)'}; binfmt_misc: "
+                   f"{'registered' if info['binfmt_misc'] else 'not registered'} (not needed)")
+        for server in info["servers"]:
+            click.echo(f"running: '{server['key']}' at tracker {server['tracker']}, serving {server['host']}:"
+                       f"{server['port']}, pid {server['pid']}, log {server['log']}")
+        if not info["servers"]:
+            click.echo("running: none")
+        return
+    if stop_it:
+        key = key or spec.rpc_key
+        stopped = emulate.stop(key, tracker)
+        if not stopped:
+            raise TvmnetError(f"no emulated board with key '{key}'" + (f" at {tracker}" if tracker else "")
+                              + " is running")
+        for server in stopped:
+            say(f"stopped the emulated board '{server.key}' at {server.tracker} (pid {server.pid})")
+        return
+    if setup_only:
+        root = emulate.prepare(spec.arch, progress=say, rebuild=rebuild)
+        say(f"emulator sysroot ready: {root.path}")
+        return
+    if rebuild:
+        emulate.prepare(spec.arch, progress=say, rebuild=True)
+    tracker = tracker or "127.0.0.1:9190"
+    _warn_if_public(host)
+    server = emulate.start(target, tracker, key=key, host=host, port=port, timeout=timeout_s, progress=say)
+    if as_json:
+        _print_json(server.to_json())
+    say(f"emulated {spec.name} ({server.arch}, qemu) registered at tracker {tracker} as '{server.key}' "
+        f"(pid {server.pid}, log {server.log})")
+    say("results are the board's, timings are not (qemu is 10-100x slower); stop it with: "
+        f"tvmnet emulate {spec.name} --stop --key {server.key}")
+
+
 if __name__ == "__main__":
     main()
