@@ -1,0 +1,66 @@
+"""Smoke test of bench/compare.py: structure only (the numbers of a 2-core busy machine mean nothing).
+
+Runs the script in a subprocess on MobileNetV2 α=0.25 ρ=96 with a handful of runs, into a temporary
+work and results directory, with a tuning-log root that holds nothing (so the tuned row must say
+"no tuning log" and no task extraction is paid for).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RUNS, ROUNDS = 5, 2
+
+
+@pytest.mark.timeout(300)
+def test_compare_smoke(tmp_path):
+    work, results, logs = tmp_path / "work", tmp_path / "results", tmp_path / "no-logs"
+    logs.mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "compare.py"), "--models", "mobilenet_v2:0.25:96",
+         "--runs", str(RUNS), "--rounds", str(ROUNDS), "--warmup", "2", "--pause", "0.05", "--threads", "2",
+         "--work-dir", str(work), "--results-dir", str(results), "--tuning-logs", str(logs)],
+        capture_output=True, text=True, timeout=280, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (json_path,) = results.glob("*.json")
+    (md_path,) = results.glob("*.md")
+    result = json.loads(json_path.read_text())
+    ctx = result["context"]
+    assert ctx["threads"] == 2 and ctx["cpu_model"] and ctx["versions"]["tvm"] and ctx["versions"]["onnxruntime"]
+    assert len(ctx["load_before"]["loadavg"]) == 3 and len(ctx["load_after"]["loadavg"]) == 3
+    assert any("smoke run" in w for w in result["warnings"])
+
+    (model,) = result["models"]
+    assert model["model"] == "mobilenet_v2-0.25-96"
+    rows = {row["runtime"]: row for row in model["runtimes"]}
+    assert {"onnxruntime", "tvmnet-untuned"} <= set(rows)
+    assert "no tuning log" in model["skipped"]["tvmnet-tuned"] and "tvmnet-tuned" not in rows
+    assert ("openvino" in rows) != ("openvino" in model["skipped"])
+    # every block ran in alternation, each runtime once per round
+    assert sorted(model["block_order"]) == sorted(list(rows) * ROUNDS)
+    for name, row in rows.items():
+        assert row["n"] == RUNS * ROUNDS, name
+        assert len(row["round_medians_ms"]) == ROUNDS, name
+        for key in ("median_ms", "p90_ms", "min_ms", "max_ms", "ratio_to_onnxruntime"):
+            assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, (name, key, row[key])
+        assert row["min_ms"] <= row["median_ms"] <= row["p90_ms"] <= row["max_ms"], name
+        assert math.isclose(row["ratio_to_onnxruntime"], row["median_ms"] / rows["onnxruntime"]["median_ms"])
+        if name != "onnxruntime":
+            check = row["check"]
+            assert check["passed"] and check["shape"] == [1, 1000], (name, check)
+            assert 0 <= check["max_abs_error"] <= 1e-3, name
+    untuned = rows["tvmnet-untuned"]["schedules"]
+    assert untuned["tuned"] == 0 and untuned["total"] > 0 and untuned["database"] is None
+
+    table = md_path.read_text()
+    assert "| model | runtime | median ms | p90 ms | × onnxruntime |" in table
+    assert "| mobilenet_v2-0.25-96 | tvmnet-untuned |" in table and "no tuning log" in table
+    assert table.strip() in proc.stdout
