@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import pytest
 
 import tvmnet
 from tvmnet import emulate, rpc
+from tvmnet.cli import run_cmd
 from tvmnet.errors import TvmnetError
 
 from conftest import ATOL, RTOL, ort_run
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(
 
 KEY = f"rasp4b-test-{os.getpid()}"
 TUNED_TASK = "fused_conv2d1_add_maximum_minimum"
-HAS_REMOTE_CLI = find_spec("tvmnet.remote") is not None  # `tvmnet run/verify/bench --rpc-tracker`
+HAS_REMOTE_CLI = any(p.name == "rpc_tracker" for p in run_cmd.params)  # `tvmnet run/bench --rpc-tracker`
 
 
 def _free_port_above_9199() -> int:
