@@ -2,7 +2,8 @@
 
 ``tvmnet.load`` is the runtime side and imports no compiler code, so a board with only TVM's
 runtime can load an artifact; ``tvmnet.compile`` (and the rest of the compiler side) is imported
-on first use.
+on first use. ``tvmnet.remote.connect`` gets a board from a TVM RPC tracker and
+``tvmnet.load(path, remote=board)`` runs an artifact there.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import ArtifactError, InputError, ModelError, TargetError, TvmnetError
+from .remote import RemoteModel
 from .runtime import CompiledModel, load
 
 __version__ = "0.1.0"
@@ -19,6 +21,7 @@ __all__ = [
     "CompiledModel",
     "InputError",
     "ModelError",
+    "RemoteModel",
     "TargetError",
     "TvmnetError",
     "compile",

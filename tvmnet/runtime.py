@@ -111,15 +111,20 @@ class CompiledModel:
         warmup: int = 5,
     ) -> BenchmarkStats:
         """Time ``main`` with TVM's own evaluator (no Python in the timed loop); random input by default."""
-        import tvm
-
         if data is None:
             data = {spec.name: random_input(spec) for spec in self.inputs}
-        arrays = [tvm.runtime.tensor(a, self._device) for a in self._check_inputs(data)]
+        seconds = self._time_main(self._check_inputs(data), number=number, repeat=repeat, warmup=warmup)
+        return BenchmarkStats.from_samples(seconds, number)
+
+    def _time_main(self, arrays: list[np.ndarray], *, number: int, repeat: int, warmup: int) -> list[float]:
+        """Seconds per call of ``main``, one sample per repeat, timed where the model runs."""
+        import tvm
+
+        args = [tvm.runtime.tensor(a, self._device) for a in arrays]
         for _ in range(warmup):
-            self._vm["main"](*arrays)
+            self._vm["main"](*args)
         timer = self._vm.time_evaluator("main", self._device, number=number, repeat=repeat)
-        return BenchmarkStats.from_samples(list(timer(*arrays).results), number)
+        return list(timer(*args).results)
 
 
 def random_input(spec: TensorSpec, seed: int = 0) -> np.ndarray:
@@ -148,12 +153,32 @@ def _check_array(spec: TensorSpec, array: Any) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def load(path: str | Path, *, device: str | None = None, trust: bool = False) -> CompiledModel:
+def check_library(artifact: Path, manifest: dict[str, Any], *, trust: bool = False) -> Path:
+    """The artifact's library, refused if missing or if its sha256 differs from the manifest's
+    (loading a shared library runs its code); ``trust=True`` skips the hash check."""
+    library = artifact / manifest["library"]["file"]
+    if not library.is_file():
+        raise ArtifactError(f"{artifact} lacks its library {library.name}; recompile the artifact")
+    if not trust and sha256_file(library) != manifest["library"]["sha256"]:
+        raise ArtifactError(
+            f"{library} does not match the sha256 in its manifest (modified or swapped); recompile it, "
+            "or pass trust=True / --trust if you know where it came from"
+        )
+    return library
+
+
+def load(path: str | Path, *, device: str | None = None, trust: bool = False, remote: Any = None) -> CompiledModel:
     """Load an artifact directory written by ``tvmnet compile``.
 
     Refuses, before any ``dlopen``, a library built for another architecture or whose sha256 differs
     from the manifest's (loading a shared library runs its code); ``trust=True`` skips the hash check.
+    ``remote`` (a session from ``tvmnet.remote.connect``) runs it on that board instead of here.
     """
+    if remote is not None:
+        from .remote import load as load_remote
+
+        return load_remote(path, remote, device=device, trust=trust)
+
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
@@ -166,14 +191,7 @@ def load(path: str | Path, *, device: str | None = None, trust: bool = False) ->
             f"{artifact} was compiled for {arch} (target '{target.get('name')}'), this machine is {host_arch()}; "
             "run it on such a board, or over RPC with --rpc-tracker/--rpc-key"
         )
-    library = artifact / manifest["library"]["file"]
-    if not library.is_file():
-        raise ArtifactError(f"{artifact} lacks its library {library.name}; recompile the artifact")
-    if not trust and sha256_file(library) != manifest["library"]["sha256"]:
-        raise ArtifactError(
-            f"{library} does not match the sha256 in its manifest (modified or swapped); recompile it, "
-            "or pass trust=True / --trust if you know where it came from"
-        )
+    library = check_library(artifact, manifest, trust=trust)
     device_type = device or target.get("device", "cpu")
     try:
         dev = tvm.device(device_type, 0)
@@ -191,4 +209,4 @@ def load(path: str | Path, *, device: str | None = None, trust: bool = False) ->
     return CompiledModel(artifact, manifest, vm, dev)
 
 
-__all__ = ["BenchmarkStats", "CompiledModel", "load", "random_input"]
+__all__ = ["BenchmarkStats", "CompiledModel", "check_library", "load", "random_input"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,10 +62,14 @@ def verify(
     seed: int = 0,
     rtol: float = RTOL,
     atol: float = ATOL,
+    remote: Any = None,
 ) -> list[VerifyReport]:
     """Feed one seeded random input to the artifact and to onnxruntime (on the artifact's copy of
-    the ONNX model unless ``model`` is given); one report per output."""
-    compiled = artifact if isinstance(artifact, CompiledModel) else load(artifact)
+    the ONNX model unless ``model`` is given); one report per output.
+
+    A model loaded on a board (``tvmnet.load(path, remote=...)``, or ``remote`` given here) runs there;
+    onnxruntime always runs here, on the host."""
+    compiled = artifact if isinstance(artifact, CompiledModel) else load(artifact, remote=remote)
     model_path = Path(model) if model else compiled.path / MODEL_NAME
     if not model_path.is_file():
         raise ArtifactError(f"no ONNX model to compare with at {model_path}; pass --model")
