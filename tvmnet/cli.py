@@ -125,6 +125,36 @@ def tune_cmd(model: str | None, target: str, trials: int | None, trials_per_task
 _trust = click.option("--trust", is_flag=True, help="Load even if the library's sha256 differs from the manifest.")
 
 
+def _rpc_options(command: Any) -> Any:
+    """--rpc-tracker/--rpc-key/--rpc-timeout: run the artifact on a board behind a TVM RPC tracker."""
+    command = click.option("--rpc-timeout", type=float, default=60.0, show_default=True, metavar="SECONDS",
+                           help="How long to wait for a free board.")(command)
+    command = click.option("--rpc-key", help="Board key on the tracker (default: the artifact's target's rpc_key).")(
+        command)
+    return click.option("--rpc-tracker", metavar="HOST:PORT",
+                        help="Run on a board registered with this RPC tracker instead of here.")(command)
+
+
+def _load_model(artifact: Path, trust: bool, rpc_tracker: str | None, rpc_key: str | None,
+                rpc_timeout: float) -> Any:
+    """The artifact loaded here, or on a board when --rpc-tracker is given (one line on stderr says which)."""
+    from .errors import InputError
+
+    if not rpc_tracker:
+        if rpc_key:
+            raise InputError("--rpc-key needs --rpc-tracker HOST:PORT")
+        from .runtime import load
+
+        return load(artifact, trust=trust)
+    from .remote import EMULATION_WARNING, connect_and_load
+
+    model = connect_and_load(artifact, rpc_tracker, rpc_key, timeout_s=rpc_timeout, trust=trust)
+    _stderr(f"[tvmnet] running on {model.remote.describe()}")
+    if model.emulated:
+        _stderr("[tvmnet] warning: " + EMULATION_WARNING.format(emulator=model.remote.emulator))
+    return model
+
+
 @main.command("run")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--image", type=click.Path(path_type=Path), help="Image file to classify.")
@@ -133,18 +163,19 @@ _trust = click.option("--trust", is_flag=True, help="Load even if the library's 
 @click.option("--output", "-o", "output_file", type=click.Path(path_type=Path), help="Save the raw output as .npy.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_trust
+@_rpc_options
 def run_cmd(artifact: Path, image: Path | None, input_file: Path | None, top: int, output_file: Path | None,
-            as_json: bool, trust: bool) -> None:
+            as_json: bool, trust: bool, rpc_tracker: str | None, rpc_key: str | None, rpc_timeout: float) -> None:
     """Run ARTIFACT on an image (or .npy, or a random input) and print the top classes."""
     import numpy as np
 
     from .errors import InputError
     from .preprocess import load_image, top_k
-    from .runtime import load, random_input
+    from .runtime import random_input
 
-    model = load(artifact, trust=trust)
     if image and input_file:
         raise InputError("give --image or --input, not both")
+    model = _load_model(artifact, trust, rpc_tracker, rpc_key, rpc_timeout)
     if image:
         if model.preprocessing is None:
             raise InputError("this model's input is not an image tensor; use --input file.npy")
@@ -180,13 +211,14 @@ def run_cmd(artifact: Path, image: Path | None, input_file: Path | None, top: in
 @click.option("--atol", default=1e-4, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @_trust
+@_rpc_options
 def verify_cmd(artifact: Path, model: Path | None, seed: int, rtol: float, atol: float, as_json: bool,
-               trust: bool) -> None:
-    """Compare ARTIFACT's output with onnxruntime's on the same random input."""
-    from .runtime import load
+               trust: bool, rpc_tracker: str | None, rpc_key: str | None, rpc_timeout: float) -> None:
+    """Compare ARTIFACT's output with onnxruntime's (run here) on the same random input."""
     from .verify import verify
 
-    reports = verify(load(artifact, trust=trust), model=model, seed=seed, rtol=rtol, atol=atol)
+    reports = verify(_load_model(artifact, trust, rpc_tracker, rpc_key, rpc_timeout), model=model, seed=seed,
+                     rtol=rtol, atol=atol)
     if as_json:
         _print_json([r.to_json() for r in reports])
     else:
@@ -204,16 +236,27 @@ def verify_cmd(artifact: Path, model: Path | None, seed: int, rtol: float, atol:
 @click.option("--repeat", default=30, show_default=True, help="Timed samples.")
 @click.option("--json", "as_json", is_flag=True)
 @_trust
-def bench_cmd(artifact: Path, number: int, repeat: int, as_json: bool, trust: bool) -> None:
-    """Time ARTIFACT (median, p90 of per-call latency). For comparisons with onnxruntime use bench/."""
-    from .runtime import load
-
-    stats = load(artifact, trust=trust).benchmark(number=number, repeat=repeat)
+@_rpc_options
+def bench_cmd(artifact: Path, number: int, repeat: int, as_json: bool, trust: bool, rpc_tracker: str | None,
+              rpc_key: str | None, rpc_timeout: float) -> None:
+    """Time ARTIFACT (median, p90 of per-call latency), here or on a board (timed there).
+    For comparisons with onnxruntime use bench/."""
+    model = _load_model(artifact, trust, rpc_tracker, rpc_key, rpc_timeout)
+    stats = model.benchmark(number=number, repeat=repeat)
+    remote = getattr(model, "remote", None)
     if as_json:
-        _print_json(stats.to_json())
+        data = stats.to_json()
+        if remote is not None:
+            data["remote"] = {"tracker": remote.tracker, "key": remote.key, "arch": remote.arch,
+                              "emulated": remote.emulated}
+        _print_json(data)
     else:
+        where = ""
+        if remote is not None:
+            where = f" on board '{remote.key}'" + (f" (EMULATED by {remote.emulator}: not the board's speed)"
+                                                  if remote.emulated else "")
         click.echo(f"median {stats.median_ms:.3f} ms  p90 {stats.p90_ms:.3f} ms  min {stats.min_ms:.3f} ms  "
-                   f"({stats.repeat} samples x {stats.number} calls)")
+                   f"({stats.repeat} samples x {stats.number} calls){where}")
 
 
 @main.command("inspect")
