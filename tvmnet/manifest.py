@@ -10,7 +10,9 @@ import hashlib
 import json
 import os
 import platform
+import re
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -94,16 +96,69 @@ def read_manifest(artifact: Path) -> dict[str, Any]:
         raise ArtifactError(f"{artifact} has no {MANIFEST_NAME}; it is not a complete tvmnet artifact") from None
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{path} is unreadable or not JSON ({exc}); recompile the artifact") from None
-    version = data.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path} has manifest format {version!r}, this tvmnet reads format {FORMAT_VERSION}; "
-            "recompile the model with this tvmnet"
-        )
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path} is not a tvmnet manifest (a JSON {type(data).__name__}, not an object)")
+    _check_format(path, data)
     for key in ("inputs", "outputs", "target", "library"):
         if key not in data:
             raise ArtifactError(f"{path} lacks '{key}'; recompile the artifact")
     return data
+
+
+def _check_format(path: Path, data: dict[str, Any]) -> None:
+    """Refuse manifests of another format, saying which tvmnet wrote it and what to do."""
+    from . import __version__  # here, not at import time: tvmnet/__init__ imports this module
+
+    version = data.get("format_version")
+    writer = data.get("tvmnet_version")
+    written_by = f"tvmnet {writer}" if isinstance(writer, str) else "an unknown tvmnet"
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ArtifactError(
+            f"{path} has no valid format_version ({version!r}); it was not written by a tvmnet release this "
+            f"tvmnet {__version__} knows: recompile the model with this tvmnet"
+        )
+    if version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} was written by {written_by} in manifest format {version}, newer than this tvmnet "
+            f"{__version__} reads (format {FORMAT_VERSION}): upgrade tvmnet here, or recompile the model with "
+            f"tvmnet {__version__}"
+        )
+    if version < FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} was written by {written_by} in manifest format {version}, older than this tvmnet "
+            f"{__version__} reads (format {FORMAT_VERSION}): recompile the model with tvmnet {__version__}"
+        )
+
+
+def _release(version: str) -> tuple[int, int] | None:
+    """TVM's major.minor from a version string like ``0.27.0.post1`` or ``0.28.dev0``."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def check_tvm_version(artifact: Path, manifest: dict[str, Any], installed: str) -> None:
+    """A model library only loads with the TVM release that built it (its ABI changes between releases).
+
+    Another major.minor than the installed TVM's: ``ArtifactError`` before any ``dlopen``. Same release,
+    another patch or post version: a warning, and the load goes ahead.
+    """
+    built = manifest.get("tvm_version")
+    if not isinstance(built, str) or _release(built) is None:
+        raise ArtifactError(
+            f"{artifact / MANIFEST_NAME} does not say which TVM built it (tvm_version {built!r}); recompile the "
+            f"model with this tvmnet (TVM {installed})"
+        )
+    if _release(built) != _release(installed):
+        raise ArtifactError(
+            f"{artifact} was compiled with TVM {built}, this machine has TVM {installed}; a model library "
+            f"loads only with the TVM release that built it: recompile it here, or install apache-tvm=={built}"
+        )
+    if built != installed:
+        warnings.warn(
+            f"{artifact} was compiled with TVM {built}, this machine has TVM {installed} (same release, "
+            "loading it anyway)",
+            stacklevel=3,
+        )
 
 
 def tensor_specs(entries: list[dict[str, Any]]) -> list[TensorSpec]:

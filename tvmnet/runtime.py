@@ -7,6 +7,7 @@ where only TVM's runtime is installed. Every input is checked against the manife
 from __future__ import annotations
 
 import statistics
+import threading
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from .errors import ArtifactError, InputError
 from .manifest import (
     Preprocessing,
     TensorSpec,
+    check_tvm_version,
     host_arch,
     preprocessing_from_json,
     read_manifest,
@@ -59,7 +61,13 @@ class BenchmarkStats:
 
 
 class CompiledModel:
-    """A compiled MobileNet: ``run`` inputs through it, ``benchmark`` it, read its manifest."""
+    """A compiled MobileNet: ``run`` inputs through it, ``benchmark`` it, read its manifest.
+
+    Thread-safe, with calls serialised: TVM's VirtualMachine keeps per-call state (registers, frames), so
+    ``run`` and ``benchmark`` hold a per-model lock while TVM runs and its outputs are copied out; input
+    checks happen before it. One inference already uses every core through TVM's thread pool; for
+    concurrent inferences, ``tvmnet.load`` the artifact once per thread (each model has its own VM).
+    """
 
     def __init__(self, path: Path, manifest: dict[str, Any], vm: Any, device: Any) -> None:
         self.path = path
@@ -72,6 +80,7 @@ class CompiledModel:
         self.labels: list[str] | None = manifest.get("labels")
         self._vm = vm
         self._device = device
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         ins = ", ".join(spec.describe() for spec in self.inputs)
@@ -102,8 +111,10 @@ class CompiledModel:
 
     def run(self, data: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray | list[np.ndarray]:
         """Run one inference; one output comes back as an array, several as a list in manifest order."""
-        result = self._call(self._check_inputs(data))
-        outputs = [result.numpy()] if hasattr(result, "numpy") else [item.numpy() for item in result]
+        arrays = self._check_inputs(data)
+        with self._lock:  # the VM is not reentrant; see the class docstring
+            result = self._call(arrays)
+            outputs = [result.numpy()] if hasattr(result, "numpy") else [item.numpy() for item in result]
         return outputs[0] if len(outputs) == 1 else outputs
 
     def benchmark(
@@ -113,7 +124,9 @@ class CompiledModel:
         """Time ``main`` with TVM's own evaluator (no Python in the timed loop); random input by default."""
         if data is None:
             data = {spec.name: random_input(spec) for spec in self.inputs}
-        seconds = self._time_main(self._check_inputs(data), number=number, repeat=repeat, warmup=warmup)
+        arrays = self._check_inputs(data)
+        with self._lock:
+            seconds = self._time_main(arrays, number=number, repeat=repeat, warmup=warmup)
         return BenchmarkStats.from_samples(seconds, number)
 
     def _time_main(self, arrays: list[np.ndarray], *, number: int, repeat: int, warmup: int) -> list[float]:
@@ -191,6 +204,7 @@ def load(path: str | Path, *, device: str | None = None, trust: bool = False, re
             f"{artifact} was compiled for {arch} (target '{target.get('name')}'), this machine is {host_arch()}; "
             "run it on such a board, or over RPC with --rpc-tracker/--rpc-key"
         )
+    check_tvm_version(artifact, manifest, tvm.__version__)
     library = check_library(artifact, manifest, trust=trust)
     device_type = device or target.get("device", "cpu")
     try:
@@ -202,11 +216,44 @@ def load(path: str | Path, *, device: str | None = None, trust: bool = False, re
             f"{artifact} needs a {device_type} device and this machine has none (target '{target.get('name')}')"
         )
     try:
-        lib = tvm.runtime.load_module(str(library))
+        lib = _load_private_copy(library, None if trust else manifest["library"]["sha256"])
         vm = VirtualMachine(lib, dev)
+    except ArtifactError:
+        raise
     except Exception as exc:
         raise ArtifactError(f"TVM could not load {library}: {str(exc).splitlines()[0]}") from None
     return CompiledModel(artifact, manifest, vm, dev)
+
+
+def _load_private_copy(library: Path, sha256: str | None) -> Any:
+    """``dlopen`` a private copy of ``library`` under a fresh name, its hash checked again.
+
+    The dynamic loader hands back the library already loaded under the same path, so a model
+    recompiled into the same directory would otherwise run the old code in a process that had loaded
+    it before (found by the fuzz: a manifest for one model, the VM of another). The copy is also what
+    gets hashed, so the file cannot be swapped between the check and the load. Where the copy cannot
+    be loaded (a noexec temporary directory) the artifact's own file is loaded instead.
+    """
+    import shutil
+    import tempfile
+
+    import tvm
+
+    folder = tempfile.mkdtemp(prefix="tvmnet-")
+    try:
+        private = Path(folder) / library.name
+        try:
+            shutil.copyfile(library, private)
+        except OSError:
+            return tvm.runtime.load_module(str(library))
+        if sha256 is not None and sha256_file(private) != sha256:
+            raise ArtifactError(f"{library} changed while it was being loaded; load it again")
+        try:
+            return tvm.runtime.load_module(str(private))
+        except Exception:
+            return tvm.runtime.load_module(str(library))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # the mapping outlives the file
 
 
 __all__ = ["BenchmarkStats", "CompiledModel", "check_library", "load", "random_input"]
