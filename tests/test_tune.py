@@ -45,6 +45,13 @@ def _database_records(log_dir: Path) -> list:
     return list(db.get_all_tuning_records())
 
 
+def _trials(records: list) -> list:
+    """Records minus the untuned-kernel floor (one empty-trace record per task)."""
+    from tvmnet.tune import is_baseline
+
+    return [r for r in records if not is_baseline(r)]
+
+
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     """Two tasks x 4 trials into the default log dir under a temporary $TVMNET_TUNING_LOGS."""
@@ -77,7 +84,9 @@ def test_local_tune_records_apply_in_compile(tuned, tmp_path):
     assert [t.name for t in result.tasks] == TASKS
     for task in result.tasks:
         assert task.trials == 4 and task.new_trials == 4 and task.best_us is not None and task.best_us > 0
-    assert _records(result.log_dir) == 8 and len(_database_records(result.log_dir)) == 8
+        assert task.untuned_us is not None and task.best_us <= task.untuned_us
+    records = _database_records(result.log_dir)
+    assert _records(result.log_dir) == 10 and len(records) == 10 and len(_trials(records)) == 8
     assert any("trials" in line and "ETA" in line for line in lines), lines
     assert "best µs" in result.table()
 
@@ -85,7 +94,10 @@ def test_local_tune_records_apply_in_compile(tuned, tmp_path):
     artifact = tvmnet.compile(model, output=tmp_path / "tuned", tuning_logs=result.log_dir)
     compiled = tvmnet.load(artifact)
     schedules = compiled.manifest["schedules"]
-    assert set(TASKS) <= set(schedules["tuned"]), schedules
+    # a task whose untuned kernel measured fastest keeps it (the floor); every other one is tuned
+    expected = {t.name for t in result.tasks if t.best_us != t.untuned_us}
+    assert expected <= set(schedules["tuned"]), schedules
+    assert not (set(TASKS) - expected) & set(schedules["tuned"]), schedules
     assert schedules["database"] == str(result.log_dir)
     spec = compiled.inputs[0]
     x = np.random.default_rng(0).standard_normal(spec.shape).astype(spec.dtype)
@@ -108,7 +120,7 @@ def test_compile_finds_default_log_dir(tuned, tmp_path):
     artifact = tvmnet.compile(other, output=tmp_path / "auto")
     schedules = tvmnet.load(artifact).manifest["schedules"]
     assert schedules["database"] == str(result.log_dir)
-    assert set(TASKS) <= set(schedules["tuned"])
+    assert {t.name for t in result.tasks if t.best_us != t.untuned_us} <= set(schedules["tuned"])
 
 
 @pytest.mark.timeout(120)
@@ -139,22 +151,23 @@ def test_killed_tune_keeps_records_and_resumes(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
-        while _records(log_dir) == 0:
+        while _records(log_dir) < 2:  # the untuned floor, then at least one measured batch
             assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, "no record reached the disk within 300 s"
+            assert time.monotonic() < deadline, "no trial reached the disk within 300 s"
             time.sleep(0.5)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    killed = _database_records(log_dir)  # the database still loads after the kill
+    killed = _trials(_database_records(log_dir))  # the database still loads after the kill
     assert len(killed) >= 1 and all(r.run_secs is not None for r in killed)
     keys = {str(r.trace) for r in killed}
 
     resumed = tvmnet_tune(_model(), trials=len(killed) + 4, tasks=[TASKS[1]], log_dir=log_dir, **SMALL)
     after = _database_records(log_dir)
-    assert len(after) == len(killed) + 4, "the rerun must count the records already there against the budget"
+    assert len(_trials(after)) == len(killed) + 4, "the rerun must count the records already there against the budget"
+    assert len(after) == len(killed) + 5, "the untuned floor is measured once, not again on resume"
     assert keys <= {str(r.trace) for r in after}
-    assert resumed.tasks[0].trials == len(after) and resumed.tasks[0].new_trials == 4
+    assert resumed.tasks[0].trials == len(killed) + 4 and resumed.tasks[0].new_trials == 4
 
 
 @pytest.mark.timeout(420)
@@ -172,9 +185,9 @@ def test_rpc_tune_measures_through_server(tmp_path):
             server_log = server.output()
     assert result.runner == f"rpc:{tracker.host}:{tracker.port}:{key}"
     assert result.tasks[0].new_trials == 4 and result.tasks[0].best_us is not None
-    assert len(_database_records(log_dir)) == 4
-    # every candidate was a shared library linked here (the target's compiler) and loaded by the server
-    assert server_log.count("candidate.so") == 4, server_log[-2000:]
+    assert len(_database_records(log_dir)) == 5 and result.tasks[0].untuned_us is not None
+    # every candidate (and the untuned floor) was a shared library linked here and loaded by the server
+    assert server_log.count("candidate.so") == 5, server_log[-2000:]
 
 
 def test_rpc_tune_with_unknown_key_fails_clearly(tmp_path):
@@ -188,3 +201,63 @@ def test_rpc_tune_with_unknown_key_fails_clearly(tmp_path):
                          repeat=1, min_repeat_ms=0)
     with pytest.raises(TvmnetError, match="cannot reach the RPC tracker"):
         rpc.query_tracker("127.0.0.1", rpc.free_port())
+
+
+@pytest.mark.timeout(300)
+def test_floor_is_what_the_database_applies(tuned):
+    """compile's database hands out each workload's fastest record, the untuned floor included: that is
+    what makes a partial log never slower than no log (TVM's JSONDatabase alone does not: it answers
+    from a Pareto front by crowding distance)."""
+    result, _root, _lines, _seconds = tuned
+    from tvmnet.tune import _record_seconds, _shash, compile_database, is_baseline
+
+    by_workload: dict[int, list] = {}
+    for record in _database_records(result.log_dir):
+        by_workload.setdefault(_shash(record.workload.mod), []).append(record)
+    assert len(by_workload) == 2
+    applied = {_shash(r.workload.mod): r for r in compile_database(result.log_dir).get_all_tuning_records()}
+    assert applied.keys() == by_workload.keys(), "one record per workload"
+    for key, records in by_workload.items():
+        assert sum(1 for r in records if is_baseline(r)) == 1
+        fastest = min(_record_seconds(r) for r in records if _record_seconds(r) is not None)
+        assert _record_seconds(applied[key]) == fastest
+
+
+@pytest.mark.timeout(300)
+def test_damaged_log_lines_are_reported_and_skipped(tuned, tmp_path):
+    """A cut-short line, a blank line and a garbled workload: compile warns with file and line numbers,
+    skips them, still applies the intact records; tune's repair moves the bad lines aside."""
+    import shutil
+    import warnings
+
+    from tvmnet.tune import RECORD_FILE, WORKLOAD_FILE, open_database
+
+    result, _root, _lines, _seconds = tuned
+    log = tmp_path / "damaged"
+    shutil.copytree(result.log_dir, log, ignore=shutil.ignore_patterns("logs", ".tune.lock"))
+    records = (log / RECORD_FILE).read_text().splitlines()
+    good = records[:]
+    records.insert(3, "")
+    records.append(records[-1][: len(records[-1]) // 2])  # a write cut short
+    (log / RECORD_FILE).write_text("\n".join(records))  # and no final newline
+    workloads = (log / WORKLOAD_FILE).read_text().splitlines()
+    workloads.append('["123", "not a module"]')
+    (log / WORKLOAD_FILE).write_text("\n".join(workloads) + "\n")
+    n_workloads = len(workloads)
+
+    messages: list[str] = []
+    artifact = tvmnet.compile(_model(), output=tmp_path / "a", tuning_logs=log, progress=messages.append)
+    warned = [m for m in messages if "damaged" in m]
+    assert any(f"{RECORD_FILE}: skipped 2 damaged line(s): line 4, {len(records)}" in m for m in warned), messages
+    assert any(f"{WORKLOAD_FILE}: skipped 1 damaged line(s): line {n_workloads}" in m for m in warned), messages
+    tuned = {t.name for t in result.tasks if t.best_us != t.untuned_us}
+    assert tuned <= set(tvmnet.load(artifact).manifest["schedules"]["tuned"])
+    assert (log / RECORD_FILE).read_text().count("\n") == len(records) - 1, "compile must not edit the log"
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        db = open_database(log, repair=True)
+    assert any("damaged" in str(w.message) for w in caught)
+    assert len(db.get_all_tuning_records()) == len(good)
+    assert (log / f"{RECORD_FILE}.corrupt").is_file() and (log / f"{WORKLOAD_FILE}.corrupt").is_file()
+    assert len(_database_records(log)) == len(good), "after repair TVM's own loader reads the log again"

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import onnx
 
-from . import __version__, pipeline, zoo
+from . import __version__, pipeline, tune, zoo
 from .errors import ArtifactError, ModelError
 from .frontend import ImportedModel, InputShapes, load_onnx
 from .manifest import (
@@ -80,27 +80,25 @@ def _read_labels(labels: Sequence[str] | str | os.PathLike | None, num_classes: 
     return labels
 
 
-def _load_database(tuning_logs: str | os.PathLike | None, fused=None, spec: TargetSpec | None = None):
+def _load_database(tuning_logs: str | os.PathLike | None, fused=None, spec: TargetSpec | None = None,
+                   warn: Progress | None = None):
     """The MetaSchedule database in ``tuning_logs``; without one, ``tune``'s default log dir for this
     model's workloads and target when it exists (``tuning_logs/<target>/<fingerprint>/``), else None.
-    Returns ``(database, path)``."""
+    Each workload's fastest record is applied, damaged lines skipped with a warning (see
+    :func:`tune.compile_database`). Returns ``(database, path)``."""
     if tuning_logs is None:
         if fused is None or spec is None:
             return None, None
-        from . import tune
-
         if not (tune.log_root() / spec.name).is_dir():  # skip extracting tasks when nothing was ever tuned
             return None, None
         path = tune.default_log_dir(fused, spec)
         if not tune.has_database(path):
             return None, None
         tuning_logs = path
-    from tvm.s_tir import meta_schedule as ms
-
     path = Path(tuning_logs)
-    if not (path / "database_workload.json").is_file():
-        raise ModelError(f"{path} holds no MetaSchedule database (database_workload.json); run `tvmnet tune` first")
-    return ms.database.JSONDatabase(work_dir=str(path), allow_missing=False), path
+    if not tune.has_database(path):
+        raise ModelError(f"{path} holds no MetaSchedule database ({tune.WORKLOAD_FILE}); run `tvmnet tune` first")
+    return tune.compile_database(path, warn=warn), path
 
 
 def _prepare_output(output: Path) -> Path:
@@ -157,7 +155,7 @@ def compile(  # noqa: A001 - the public name users expect: tvmnet.compile
     mod = imported.to_relax()
     say(f"optimizing for {spec.name} ({tvm_target.kind.name})")
     fused = pipeline.fuse(mod, tvm_target)
-    database, tuning_logs = _load_database(tuning_logs, fused, spec)
+    database, tuning_logs = _load_database(tuning_logs, fused, spec, warn=say)
     say("building")
     executable, report = pipeline.build(fused, tvm_target, database)
     if database is not None:
