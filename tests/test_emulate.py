@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,16 +35,6 @@ TUNED_TASK = "fused_conv2d1_add_maximum_minimum"
 HAS_REMOTE_CLI = any(p.name == "rpc_tracker" for p in run_cmd.params)  # `tvmnet run/bench --rpc-tracker`
 
 
-def _free_port_above_9199() -> int:
-    """9200-9999: above TVM's default tracker range and below the ephemeral range (see test_rpc_cli)."""
-    for port in range(9200, 10000):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 9200-9999")
 
 
 def _tvmnet(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -58,7 +47,7 @@ def tracker(tmp_path_factory):
     import psutil
 
     log = tmp_path_factory.mktemp("tracker") / "tracker.log"
-    proc = rpc.start_tracker(port=_free_port_above_9199(), log=log)
+    proc = rpc.start_tracker(port=rpc.free_port(), log=log)
     try:
         yield proc
     finally:
@@ -188,7 +177,7 @@ def test_unknown_key_absent_tracker_and_stop_fail_clearly(board, tracker, artifa
                          number=1, repeat=1, min_repeat_ms=0)
     assert time.monotonic() - started < 90
 
-    absent = f"127.0.0.1:{_free_port_above_9199()}"
+    absent = f"127.0.0.1:{rpc.free_port()}"
     done = _tvmnet("emulate", "rasp4b", "--tracker", absent, "--key", "other", timeout=120)
     assert done.returncode == 1 and done.stderr.startswith("tvmnet: error: cannot reach the RPC tracker"), done.stderr
     assert "Traceback" not in done.stderr

@@ -4,9 +4,7 @@ on 127.0.0.1 run a compiled artifact, and what comes back is compared with onnxr
 from __future__ import annotations
 
 import json
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,20 +25,6 @@ KEY = "tvmnet-test-board"
 EMU_KEY = "tvmnet-test-emulated"
 
 
-def _free_port_9200_9999() -> int:
-    """A free port in 9200-9999: above 9199 (TVM's tracker refuses those without --port-end) and below the
-    ephemeral range, where a client probing a closed port can connect to itself. Random start: other
-    test files scan the same range."""
-    start = random.randrange(9200, 10000)
-    for offset in range(800):
-        port = 9200 + (start - 9200 + offset) % 800
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 9200-9999")
 
 
 def tvmnet_cli(*args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
@@ -60,7 +44,7 @@ def _one_error_line(done: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def tracker(tmp_path_factory):
     log = tmp_path_factory.mktemp("rpc") / "tracker.log"
-    with rpc.start_tracker(port=_free_port_9200_9999(), log=log) as process:
+    with rpc.start_tracker(port=rpc.free_port(), log=log) as process:
         yield process
 
 
@@ -196,7 +180,7 @@ def test_unknown_key_and_tracker_down_fail_fast_in_one_line(tiny_v2_artifact, tr
     assert "no RPC server with key 'nope'" in _one_error_line(done)
     assert seconds < 60, seconds
 
-    down = f"127.0.0.1:{_free_port_9200_9999()}"
+    down = f"127.0.0.1:{rpc.free_port()}"
     done, seconds = tvmnet_cli("bench", str(tiny_v2_artifact), "--rpc-tracker", down, "--rpc-key", KEY)
     assert done.returncode == 1
     assert f"cannot reach the RPC tracker at {down}" in _one_error_line(done)
@@ -262,7 +246,7 @@ def test_tampered_library_is_refused_before_any_board_is_asked(tiny_v2_artifact,
     shutil.copytree(tiny_v2_artifact, other)
     with open(other / "model.so", "ab") as handle:
         handle.write(b"\0")
-    down = f"127.0.0.1:{_free_port_9200_9999()}"  # never contacted: the sha256 check comes first
+    down = f"127.0.0.1:{rpc.free_port()}"  # never contacted: the sha256 check comes first
     done, _ = tvmnet_cli("run", str(other), "--rpc-tracker", down, "--rpc-key", KEY)
     assert done.returncode == 5 and "sha256" in _one_error_line(done)
     with pytest.raises(ArtifactError, match="sha256"):

@@ -6,6 +6,8 @@ Everything binds to 127.0.0.1 unless told otherwise: an RPC server runs any code
 from __future__ import annotations
 
 import os
+import random
+import signal
 import socket
 import subprocess
 import sys
@@ -16,13 +18,24 @@ from pathlib import Path
 from .errors import TvmnetError
 
 LOCALHOST = "127.0.0.1"
+PORT_RANGE = range(9200, 10000)
+"""Where free_port looks: above 9199 (TVM's tracker refuses those without --port-end) and below the
+ephemeral range, where a client probing a closed port can connect to itself (TCP simultaneous open)."""
 
 
 def free_port(host: str = LOCALHOST) -> int:
-    """A TCP port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A TCP port in PORT_RANGE that was free a moment ago, scanned from a random start so that
+    concurrent callers rarely pick the same one."""
+    start = random.randrange(len(PORT_RANGE))
+    for offset in range(len(PORT_RANGE)):
+        port = PORT_RANGE[(start + offset) % len(PORT_RANGE)]
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise TvmnetError(f"no free TCP port on {host} in {PORT_RANGE.start}-{PORT_RANGE.stop - 1}; pass --port")
 
 
 @dataclass
@@ -42,13 +55,8 @@ class Process:
         return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """Stop the process and every worker it forked (TVM's server forks one per session)."""
+        _stop_group(self.proc, timeout)
 
     def __enter__(self) -> "Process":
         return self
@@ -57,11 +65,33 @@ class Process:
         self.stop()
 
 
+def _stop_group(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM the child's process group, then SIGKILL what is left after ``timeout``.
+
+    The child leads its own group (see _spawn), so its forked workers go with it instead of outliving us.
+    """
+    def signal_group(sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    signal_group(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    signal_group(signal.SIGKILL)  # workers that ignored SIGTERM, or whose parent already exited
+    proc.wait()
+
+
 def _spawn(args: list[str], log: Path | None) -> subprocess.Popen:
+    """The TVM process in a new session: its own process group, so stopping it stops its workers too."""
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
     try:
         return subprocess.Popen([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                start_new_session=True)
     finally:
         if log:
             out.close()
@@ -83,9 +113,7 @@ def _wait(condition, proc: subprocess.Popen, what: str, timeout: float, log: Pat
             time.sleep(0.25)
         raise TvmnetError(f"{what} did not come up within {timeout:.0f} s")
     except BaseException:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(10)
+        _stop_group(proc, 10)
         raise
 
 
