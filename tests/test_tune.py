@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -188,6 +189,49 @@ def test_rpc_tune_measures_through_server(tmp_path):
     assert len(_database_records(log_dir)) == 5 and result.tasks[0].untuned_us is not None
     # every candidate (and the untuned floor) was a shared library linked here and loaded by the server
     assert server_log.count("candidate.so") == 5, server_log[-2000:]
+
+
+def _kill_on_first_candidate(server, killed: threading.Event, stop: threading.Event) -> None:
+    """SIGKILL ``server`` and its session workers as soon as it loads a candidate: it dies mid-measurement."""
+    while not stop.is_set():
+        if "candidate.so" in server.output():
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait()
+            killed.set()
+            return
+        time.sleep(0.02)
+
+
+@pytest.mark.timeout(480)
+def test_board_dying_mid_tune_fails_its_trial_and_tuning_goes_on(tmp_path):
+    """Two boards share a key; one is killed while it measures. Its trial is recorded as failed, the other
+    board measures the rest, and every record measured so far is in the database."""
+    from tvmnet import rpc
+
+    key = "tvmnet-test-fleet"
+    log_dir = tmp_path / "log"
+    lines: list[str] = []
+    with rpc.start_tracker(log=tmp_path / "tracker.log") as tracker, \
+            rpc.start_server(tracker.address, key, log=tmp_path / "survivor.log") as survivor, \
+            rpc.start_server(tracker.address, key, log=tmp_path / "doomed.log") as doomed:
+        killed, stop = threading.Event(), threading.Event()
+        watcher = threading.Thread(target=_kill_on_first_candidate, args=(doomed, killed, stop), daemon=True)
+        watcher.start()
+        try:  # min_repeat_ms keeps each measurement running ~0.5 s, so the kill lands inside one
+            result = tvmnet_tune(_model(), trials=8, tasks=[TASKS[1]], log_dir=log_dir, rpc_tracker=tracker.address,
+                                 rpc_key=key, min_repeat_ms=500, progress=lines.append, **SMALL)
+        finally:
+            stop.set()
+            watcher.join()
+        survivor_loads = survivor.output().count("candidate.so")
+        assert rpc.query_tracker(tracker.host, tracker.port) == {key: 1}, "the tracker still lists the dead board"
+    assert killed.is_set(), "the doomed board never got a candidate: nothing was tested"
+    assert any("failed" in line for line in lines), "\n".join(lines)
+    assert result.tasks[0].new_trials == 8 and result.tasks[0].best_us is not None
+    records = _trials(_database_records(log_dir))
+    failed = [r for r in records if min(float(s) for s in r.run_secs) >= 1e9]
+    assert len(records) == 8 and 1 <= len(failed) <= 2, [[float(s) for s in r.run_secs] for r in records]
+    assert survivor_loads >= 8 - len(failed), "the surviving board did not take over the remaining candidates"
 
 
 def test_rpc_tune_with_unknown_key_fails_clearly(tmp_path):

@@ -415,7 +415,9 @@ def _make_runner(spec, *, rpc_tracker, rpc_key, timeout_s, number, repeat, min_r
                           f"(registered: {', '.join(sorted(keys)) or 'none'})")
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
                                  session_timeout_sec=max(60, int(timeout_s)))
-    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=1,
+    # One worker per free board: each worker asks the tracker for a board per candidate, so a board that
+    # dies costs the candidate it was running (recorded as failed) and the rest go to the boards still up.
+    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=max(1, keys[key]),
                                initializer=_worker_init), f"rpc:{host}:{port}:{key}"
 
 
