@@ -171,7 +171,7 @@ def test_external_data_outside_the_model_folder_is_refused(tmp_path, how):
 
 
 def test_external_data_inside_the_folder_compiles(tmp_path):
-    from conftest import compile_and_compare
+    from conftest import ort_run
 
     model = _tiny()
     payload = max(model.graph.initializer, key=lambda t: len(t.raw_data)).raw_data
@@ -183,8 +183,6 @@ def test_external_data_inside_the_folder_compiles(tmp_path):
     artifact = tvmnet.compile(tmp_path / "model.onnx", output=tmp_path / "out")
     compiled = tvmnet.load(artifact)
     x = np.random.default_rng(0).standard_normal((1, 3, 96, 96)).astype("float32")
-    from conftest import ort_run
-
     np.testing.assert_allclose(compiled.run(x), ort_run(model, {"input": x})[0], rtol=1e-4, atol=1e-4)
     with pytest.raises(ModelError, match="pass the .onnx file's path"):  # in memory: no folder to read from
         tvmnet.compile(external, output=tmp_path / "out2")

@@ -34,7 +34,7 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -437,19 +437,24 @@ def import_or_fail_cleanly(case: Case) -> str:
     return "in-process: compiled, matches onnxruntime"
 
 
+def run_case(data, tmp_path_factory, check: Callable[[Case], str]) -> None:
+    """Draw one mutated model, let ``check`` take it through tvmnet within CASE_SECONDS, count its outcome."""
+    folder = tmp_path_factory.mktemp("case")
+    case = draw_case(data, folder)
+    note(case.what)
+    started = time.monotonic()
+    OUTCOMES[check(case)] += 1
+    elapsed = time.monotonic() - started
+    assert elapsed < CASE_SECONDS, f"{case.what} took {elapsed:.0f} s"
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.mark.timeout(max(900, EXAMPLES * CASE_SECONDS // 4))
 @_seed
 @_settings(EXAMPLES)
 @given(data=st.data())
 def test_mutated_models_import_or_fail_cleanly(data, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("case")
-    case = draw_case(data, folder)
-    note(case.what)
-    started = time.monotonic()
-    OUTCOMES[import_or_fail_cleanly(case)] += 1
-    elapsed = time.monotonic() - started
-    assert elapsed < CASE_SECONDS, f"{case.what} took {elapsed:.0f} s"
-    shutil.rmtree(folder, ignore_errors=True)
+    run_case(data, tmp_path_factory, import_or_fail_cleanly)
 
 
 # -- the CLI in a subprocess: a native abort would show as a signal -----------------------------------
@@ -486,11 +491,7 @@ def check_cli_outcome(case: Case) -> str:
 @_settings(CLI_EXAMPLES)
 @given(data=st.data())
 def test_mutated_models_through_the_cli(data, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cli")
-    case = draw_case(data, folder)
-    note(case.what)
-    OUTCOMES[check_cli_outcome(case)] += 1
-    shutil.rmtree(folder, ignore_errors=True)
+    run_case(data, tmp_path_factory, check_cli_outcome)
 
 
 class FixedDraws:
