@@ -268,6 +268,24 @@ def test_floor_is_what_the_database_applies(tuned):
 
 
 @pytest.mark.timeout(300)
+def test_log_tuned_on_another_cpu_warns(tuned):
+    """Records keep the mcpu they were measured for; a build for another CPU is told its log was not made there."""
+    import tvm
+    from tvmnet.targets import get_target
+    from tvmnet.tune import compile_database
+
+    log_dir = tuned[0].log_dir
+    here = get_target("x86").tvm_target()
+    same: list[str] = []
+    compile_database(log_dir, warn=same.append, target=here)
+    assert same == []
+    elsewhere = "skylake-avx512" if str(here.attrs["mcpu"]) != "skylake-avx512" else "znver3"
+    other: list[str] = []
+    compile_database(log_dir, warn=other.append,
+                     target=tvm.target.Target({"kind": "llvm", "mcpu": elsewhere, "num-cores": 2}))
+    assert len(other) == 1 and f"tuned on {here.attrs['mcpu']} and this build is for {elsewhere}" in other[0]
+
+
 def test_damaged_log_lines_are_reported_and_skipped(tuned, tmp_path):
     """A cut-short line, a blank line and a garbled workload: compile warns with file and line numbers,
     skips them, still applies the intact records; tune's repair moves the bad lines aside."""

@@ -98,7 +98,7 @@ def _load_database(tuning_logs: str | os.PathLike | None, fused=None, spec: Targ
     path = Path(tuning_logs)
     if not tune.has_database(path):
         raise ModelError(f"{path} holds no MetaSchedule database ({tune.WORKLOAD_FILE}); run `tvmnet tune` first")
-    return tune.compile_database(path, warn=warn), path
+    return tune.compile_database(path, warn=warn, target=spec.tvm_target() if spec is not None else None), path
 
 
 def _prepare_output(output: Path) -> Path:
@@ -187,6 +187,7 @@ def compile(  # noqa: A001 - the public name users expect: tvmnet.compile
                               tvm_target.attrs.get("mtriple", "")) or None,
                 "toolchain": spec.toolchain_version(),
                 "verified": spec.verified,
+                "rpc_key": spec.rpc_key or None,
             },
             "library": {"file": LIBRARY_NAME, "sha256": sha256_file(library)},
             "model": {"file": MODEL_NAME, "sha256": sha256_file(staging / MODEL_NAME)},

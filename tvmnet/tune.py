@@ -214,7 +214,7 @@ def open_database(log_dir: str | os.PathLike, *, repair: bool = False, warn: Pro
             shutil.rmtree(target_dir, ignore_errors=True)  # the database is in memory now
 
 
-def compile_database(log_dir: str | os.PathLike, *, warn: Progress | None = None):
+def compile_database(log_dir: str | os.PathLike, *, warn: Progress | None = None, target=None):
     """An in-memory database holding each workload's fastest measured record from ``log_dir``: what
     ``compile`` applies.
 
@@ -222,20 +222,40 @@ def compile_database(log_dir: str | os.PathLike, *, warn: Progress | None = None
     distance, not with the fastest record (measured here: it skipped a 0.13 µs untuned floor for an
     8.3 µs candidate). MemoryDatabase sorts by mean run time, so the fastest record, the untuned floor
     included, is the one applied.
+
+    Each record keeps the target it was measured for. When ``target`` (the build's ``tvm.target.Target``)
+    names another CPU, ``warn`` says so: the schedules still apply and compute the same results, but
+    they were fastest on the other CPU, not necessarily on this one.
     """
     ms = _ms()
     best: dict[int, tuple[float, object]] = {}
+    tuned_for: set[str] = set()
     for record in open_database(log_dir, warn=warn).get_all_tuning_records():
         secs = _record_seconds(record)
         key = _shash(record.workload.mod)
         if secs is not None and (key not in best or secs < best[key][0]):
             best[key] = (secs, record)
+        tuned_for.add(_cpu_of(record.target))
+    building_for = _cpu_of(target) if target is not None else None
+    if building_for and tuned_for and building_for not in tuned_for and warn is not None:
+        warn(f"warning: {log_dir} was tuned on {', '.join(sorted(tuned_for))} and this build is for {building_for}: "
+             "its schedules apply and compute the same results but may be slower here; run `tvmnet tune` on "
+             "this CPU for schedules made for it")
     database = ms.database.MemoryDatabase(module_equality=MODULE_EQUALITY)
     for _secs, record in best.values():
         workload = database.commit_workload(record.workload.mod)
         database.commit_tuning_record(ms.database.TuningRecord(
             record.trace, workload, record.run_secs, record.target, record.args_info))
     return database
+
+
+def _cpu_of(target) -> str:
+    """The CPU a target (or a record's target) is for: its ``mcpu``, else its kind (e.g. cuda's arch)."""
+    attrs = target.attrs
+    for key in ("mcpu", "arch"):
+        if key in attrs and str(attrs[key]):
+            return str(attrs[key])
+    return target.kind.name
 
 
 def _warn(message: str) -> None:
