@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 
@@ -53,6 +54,17 @@ def test_zoo_export_compile_run_verify_bench_inspect(tmp_path):
     assert done.returncode == 0, done.stderr
     stats = json.loads(done.stdout)
     assert stats["repeat"] == 5 and stats["median_ms"] > 0
+
+    done = tvmnet("bench", "build/m", "--number", "2", "--repeat", "3", "--per-kernel", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    kernels = json.loads(done.stdout)["kernels"]
+    assert kernels == sorted(kernels, key=lambda k: -k["us"]) and abs(sum(k["share"] for k in kernels) - 1) < 1e-6
+    convs = [k for k in kernels if k["name"].startswith("fused_conv2d")]
+    assert convs and all(k["calls"] >= 1 and k["us"] > 0 for k in convs)
+    conv_nodes = sum(node.op_type == "Conv" for node in onnx.load(tmp_path / "m.onnx").graph.node)
+    assert sum(k["calls"] for k in convs) == conv_nodes  # each Conv is one fused kernel, called once
+    done = tvmnet("bench", "build/m", "--per-kernel", "--top", "3", "--repeat", "2", cwd=tmp_path)
+    assert done.returncode == 0 and len(done.stdout.strip().splitlines()) == 2 + 1 + 3, done.stdout
 
     done = tvmnet("inspect", "build/m", cwd=tmp_path)
     assert done.returncode == 0, done.stderr

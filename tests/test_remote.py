@@ -168,6 +168,10 @@ def test_cli_bench_and_verify_on_board(tiny_v2_artifact, tracker, board):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("median ") and f"on board '{KEY}'" in done.stdout
 
+    done, _ = tvmnet_cli("bench", str(tiny_v2_artifact), "--per-kernel", "--rpc-tracker", tracker.address,
+                         "--rpc-key", KEY)
+    assert done.returncode == 3 and "cannot run over RPC" in _one_error_line(done)
+
     done, _ = tvmnet_cli("verify", str(tiny_v2_artifact), "--rpc-tracker", tracker.address, "--rpc-key", KEY)
     assert done.returncode == 0, done.stderr
     assert "PASS" in done.stdout and "FAIL" not in done.stdout
@@ -251,3 +255,10 @@ def test_tampered_library_is_refused_before_any_board_is_asked(tiny_v2_artifact,
     assert done.returncode == 5 and "sha256" in _one_error_line(done)
     with pytest.raises(ArtifactError, match="sha256"):
         remote.connect_and_load(other, down, KEY)
+
+
+def test_artifact_records_its_board_key(tiny_v2_artifact):
+    """Remote commands default to the key the artifact was compiled for, even where its target file is unknown."""
+    manifest = json.loads((tiny_v2_artifact / "manifest.json").read_text())
+    assert manifest["target"]["rpc_key"] == "x86"
+    assert remote.default_key({"target": {"name": "a-board-this-machine-has-no-file-for", "rpc_key": "lab-7"}}) == "lab-7"

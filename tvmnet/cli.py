@@ -235,28 +235,42 @@ def verify_cmd(artifact: Path, model: Path | None, seed: int, rtol: float, atol:
 @click.option("--number", default=10, show_default=True, help="Calls per timed sample.")
 @click.option("--repeat", default=30, show_default=True, help="Timed samples.")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--per-kernel", "per_kernel", is_flag=True,
+              help="Also time every call the VM makes (fused kernels, allocations): where the time goes.")
+@click.option("--top", default=15, show_default=True, help="Rows of the --per-kernel table (0: all).")
 @_trust
 @_rpc_options
-def bench_cmd(artifact: Path, number: int, repeat: int, as_json: bool, trust: bool, rpc_tracker: str | None,
-              rpc_key: str | None, rpc_timeout: float) -> None:
+def bench_cmd(artifact: Path, number: int, repeat: int, as_json: bool, per_kernel: bool, top: int, trust: bool,
+              rpc_tracker: str | None, rpc_key: str | None, rpc_timeout: float) -> None:
     """Time ARTIFACT (median, p90 of per-call latency), here or on a board (timed there).
     For comparisons with onnxruntime use bench/."""
     model = _load_model(artifact, trust, rpc_tracker, rpc_key, rpc_timeout)
+    if per_kernel and getattr(model, "remote", None) is not None:
+        model.profile()  # refused with the reason before any timing is spent
     stats = model.benchmark(number=number, repeat=repeat)
+    kernels = model.profile() if per_kernel else None
     remote = getattr(model, "remote", None)
     if as_json:
         data = stats.to_json()
         if remote is not None:
             data["remote"] = {"tracker": remote.tracker, "key": remote.key, "arch": remote.arch,
                               "emulated": remote.emulated}
+        if kernels is not None:
+            data["kernels"] = [k.to_json() for k in kernels]
         _print_json(data)
-    else:
-        where = ""
-        if remote is not None:
-            where = f" on board '{remote.key}'" + (f" (EMULATED by {remote.emulator}: not the board's speed)"
-                                                  if remote.emulated else "")
-        click.echo(f"median {stats.median_ms:.3f} ms  p90 {stats.p90_ms:.3f} ms  min {stats.min_ms:.3f} ms  "
-                   f"({stats.repeat} samples x {stats.number} calls){where}")
+        return
+    where = ""
+    if remote is not None:
+        where = f" on board '{remote.key}'" + (f" (EMULATED by {remote.emulator}: not the board's speed)"
+                                              if remote.emulated else "")
+    click.echo(f"median {stats.median_ms:.3f} ms  p90 {stats.p90_ms:.3f} ms  min {stats.min_ms:.3f} ms  "
+               f"({stats.repeat} samples x {stats.number} calls){where}")
+    if kernels is not None:
+        total_us = sum(k.us for k in kernels)
+        click.echo(f"per kernel (median of 20 instrumented runs, {total_us / 1e3:.3f} ms in calls):")
+        click.echo(f"{'µs':>9} {'share':>6} {'calls':>5}  function")
+        for k in kernels[:top or None]:
+            click.echo(f"{k.us:9.1f} {k.share:6.1%} {k.calls:5d}  {k.name}")
 
 
 @main.command("inspect")

@@ -270,6 +270,10 @@ class RemoteModel(CompiledModel):
         except Exception as exc:
             raise TvmnetError(f"timing on the board failed: {_last_line(exc)}") from None
 
+    def _profile_main(self, arrays: list[np.ndarray], *, runs: int, warmup: int) -> list[dict[str, tuple[int, float]]]:
+        raise InputError("a per-kernel profile times each call in the process that runs the VM, so it cannot "
+                         "run over RPC; run `tvmnet bench ARTIFACT --per-kernel` on the board itself")
+
 
 def load(path: str | Path, remote: RemoteSession | Any, *, device: str | None = None,
          trust: bool = False) -> RemoteModel:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import threading
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,6 +56,22 @@ class BenchmarkStats:
             number=number,
             repeat=len(ms),
         )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class KernelTime:
+    """One function the VM calls (a fused kernel, or a VM builtin such as an allocation), per inference."""
+
+    name: str
+    calls: int
+    """How often one inference calls it."""
+    us: float
+    """Microseconds per inference, summed over its calls (median over the profiled runs)."""
+    share: float
+    """Fraction of the profiled calls' total time."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,6 +145,56 @@ class CompiledModel:
         with self._lock:
             seconds = self._time_main(arrays, number=number, repeat=repeat, warmup=warmup)
         return BenchmarkStats.from_samples(seconds, number)
+
+    def profile(self, data: np.ndarray | Mapping[str, np.ndarray] | None = None, *, runs: int = 20,
+                warmup: int = 5) -> list[KernelTime]:
+        """Where one inference spends its time: every call the VM makes, slowest first.
+
+        Each call is timed on the host around the VM's call instruction (``set_instrument``), so a few
+        microseconds of instrumentation per call are included: use it to find the kernels worth tuning,
+        and ``benchmark`` for latency.
+        """
+        if data is None:
+            data = {spec.name: random_input(spec) for spec in self.inputs}
+        arrays = self._check_inputs(data)
+        with self._lock:
+            per_run = self._profile_main(arrays, runs=max(1, runs), warmup=warmup)
+        names = list(per_run[0])
+        medians = {name: statistics.median(run.get(name, (0, 0.0))[1] for run in per_run) for name in names}
+        total = sum(medians.values()) or 1.0
+        kernels = [KernelTime(name=name, calls=per_run[0][name][0], us=medians[name] * 1e6,
+                              share=medians[name] / total) for name in names]
+        return sorted(kernels, key=lambda k: -k.us)
+
+    def _profile_main(self, arrays: list[np.ndarray], *, runs: int, warmup: int) -> list[dict[str, tuple[int, float]]]:
+        """Per run: VM callee -> (calls, seconds)."""
+        import tvm
+
+        args = [tvm.runtime.tensor(a, self._device) for a in arrays]
+        for _ in range(warmup):
+            self._vm["main"](*args)
+        per_run: list[dict[str, tuple[int, float]]] = []
+        started: dict[str, float] = {}
+        current: dict[str, tuple[int, float]] = {}
+
+        def instrument(_func: Any, symbol: str, before: bool, _ret: Any, *_args: Any) -> int:
+            now = time.perf_counter()
+            if before:
+                started[symbol] = now
+            else:
+                calls, seconds = current.get(symbol, (0, 0.0))
+                current[symbol] = (calls + 1, seconds + now - started[symbol])
+            return 0  # VMInstrumentReturnKind.NO_OP: run the call as usual
+
+        self._vm.set_instrument(instrument)
+        try:
+            for _ in range(runs):
+                current = {}
+                self._vm["main"](*args)
+                per_run.append(current)
+        finally:
+            self._vm._set_instrument(None)  # the public setter refuses None; this clears it
+        return per_run
 
     def _time_main(self, arrays: list[np.ndarray], *, number: int, repeat: int, warmup: int) -> list[float]:
         """Seconds per call of ``main``, one sample per repeat, timed where the model runs."""
