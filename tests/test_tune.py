@@ -171,6 +171,31 @@ def test_killed_tune_keeps_records_and_resumes(tmp_path):
     assert resumed.tasks[0].trials == len(killed) + 4 and resumed.tasks[0].new_trials == 4
 
 
+@pytest.mark.timeout(480)
+def test_ctrl_c_finishes_the_batch_and_stops(tmp_path):
+    """Ctrl-C mid-tune: the batch being measured is finished and saved, then tune stops promptly (a
+    KeyboardInterrupt raised inside MetaSchedule's loop used to leave the process hung)."""
+    log_dir = tmp_path / "log"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(log_dir), TASKS[1]], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while _records(log_dir) < 2:  # the untuned floor, then a measured batch: tuning is under way
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "no trial reached the disk within 300 s"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGINT, output[-3000:]  # KeyboardInterrupt, re-raised once saved
+    assert "interrupted: finishing the batch" in output and "run the same command again to resume" in output
+    trials = _trials(_database_records(log_dir))
+    assert 4 <= len(trials) < 200 and len(trials) % 4 == 0, "every batch sent was measured and saved whole"
+
+
 @pytest.mark.timeout(420)
 def test_rpc_tune_measures_through_server(tmp_path):
     from tvmnet import rpc

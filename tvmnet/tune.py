@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import contextlib
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -615,6 +618,8 @@ def _make_scheduler(state, say, names):
                 if not tasks[i].is_terminated:
                     self.join_running_task(i)
             self.pending = []
+            if state["interrupted"].is_set():  # every batch sent so far is joined, so on disk
+                return -1
             limit = state["early_stopping"]
             for i, task in enumerate(tasks):
                 if limit and not task.is_terminated and state["stale"][i] >= limit and i not in state["stopped"]:
@@ -638,6 +643,30 @@ def _make_scheduler(state, say, names):
             return choice
 
     return _JoiningScheduler()
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt(interrupted: threading.Event, say: Progress):
+    """Ctrl-C / SIGTERM while tuning: finish the batch being measured, then stop (a KeyboardInterrupt
+    raised inside MetaSchedule's C++ loop left the tuner hung on a lock). A second signal exits at once;
+    records of earlier batches are on disk either way. Only the main thread can take signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, _frame) -> None:
+        if interrupted.is_set():
+            say("interrupted again: exiting now; the batch being measured is lost, earlier ones are on disk")
+            os._exit(128 + signum)
+        interrupted.set()
+        say("interrupted: finishing the batch being measured, then stopping (Ctrl-C again to quit at once)")
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -698,7 +727,8 @@ def tune(
         raise TvmnetError(f"cannot create tuning log dir {log_dir}: {exc.strerror}") from None
 
     ms = _ms()
-    with _DirLock(log_dir):
+    interrupted = threading.Event()
+    with _DirLock(log_dir), _stop_on_interrupt(interrupted, say):
         database = open_database(log_dir, repair=True, warn=say)
         before = database_stats(database, selected)
         hashes = [_shash(t.dispatched[0]) for t in selected]
@@ -724,7 +754,7 @@ def tune(
                                                number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
             _measure_baselines(no_floor, builder, runner, database, tvm_target, say)
             before = database_stats(database, selected)
-        if tuning:
+        if tuning and not interrupted.is_set():
             chosen = [selected[i] for i in to_tune]
             say(f"preparing {len(chosen)} tuning contexts (imports MetaSchedule's tensor intrinsics once)")
             strategy = ms.search_strategy.EvolutionarySearch(population_size=population_size)
@@ -735,7 +765,7 @@ def tune(
             state = {"new": [0] * len(chosen), "best": [before[hashes[i]][1] for i in to_tune],
                      "stale": [0] * len(chosen), "stopped": set(), "done": 0, "budget": remaining,
                      "started": time.monotonic(), "weights": [float(w) for w in weights],
-                     "early_stopping": early_stopping}
+                     "early_stopping": early_stopping, "interrupted": interrupted}
             scheduler = _make_scheduler(state, say, [t.task_name for t in chosen])
             callbacks = ms.measure_callback.MeasureCallback.create("default") + [
                 _make_progress_callback([t.task_name for t in chosen], [int(w) for w in weights], state, say)]
@@ -761,4 +791,7 @@ def tune(
     say(result.table())
     say(f"tuned {len(selected)} tasks: {result.new_trials} new trials, {result.trials} in {log_dir} "
         f"({result.seconds:.0f} s)")
+    if interrupted.is_set():
+        say("stopped early by the interrupt; run the same command again to resume")
+        raise KeyboardInterrupt
     return result
