@@ -597,10 +597,11 @@ def _make_scheduler(state, say, names):
 
     MetaSchedule's "gradient" scheduler (tune_relax's default) sends one batch per task round-robin in
     its first round and joins none of them until the round is over: for MobileNetV2 (33 tasks x 64)
-    that is the whole default budget, and a kill loses every measurement. This one picks untried
-    tasks first (those without any record, then the costliest by weight x best latency, so a resumed
-    run spends its first batches where the time is), then the task with the largest weight x best
-    latency, damped by how often it was picked; it also applies ``early_stopping``.
+    that is the whole default budget, and a kill loses every measurement. This one picks tasks without
+    any trial first (costliest first: those without any record, then by weight x best latency), then
+    the task with the largest weight x best latency, damped by how often this run picked it, so a
+    resumed run spends its batches where the time is rather than one on every task; it also applies
+    ``early_stopping``.
     """
     ms = _ms()
     from tvm.ir.utils import derived_object
@@ -633,11 +634,11 @@ def _make_scheduler(state, say, names):
                 best = state["best"][i]
                 return math.inf if best is None else state["weights"][i] * best
 
-            fresh = [i for i in alive if self.picks[i] == 0]
+            fresh = [i for i in alive if self.picks[i] == 0 and state["had"][i] == 0]
             if fresh:
                 choice = max(fresh, key=cost)
             else:
-                choice = max(alive, key=lambda i: cost(i) / math.sqrt(self.picks[i]))
+                choice = max(alive, key=lambda i: cost(i) / math.sqrt(1 + self.picks[i]))
             self.picks[choice] += 1
             self.pending.append(choice)
             return choice
@@ -765,7 +766,8 @@ def tune(
             state = {"new": [0] * len(chosen), "best": [before[hashes[i]][1] for i in to_tune],
                      "stale": [0] * len(chosen), "stopped": set(), "done": 0, "budget": remaining,
                      "started": time.monotonic(), "weights": [float(w) for w in weights],
-                     "early_stopping": early_stopping, "interrupted": interrupted}
+                     "early_stopping": early_stopping, "interrupted": interrupted,
+                     "had": [existing[i] for i in to_tune]}
             scheduler = _make_scheduler(state, say, [t.task_name for t in chosen])
             callbacks = ms.measure_callback.MeasureCallback.create("default") + [
                 _make_progress_callback([t.task_name for t in chosen], [int(w) for w in weights], state, say)]
