@@ -529,6 +529,18 @@ def physical_cores() -> int:
     return os.cpu_count() or 1
 
 
+def settle_load(seconds: float) -> dict[str, Any]:
+    """Wait (up to ``seconds``) for the 1-minute load average to fall to LOAD_WARN: compiling just kept the
+    cores busy, and timing should start on a quiet machine. Returns the load state when timing begins."""
+    deadline = time.monotonic() + seconds
+    if seconds > 0 and os.getloadavg()[0] > LOAD_WARN:
+        say(f"waiting up to {seconds:.0f} s for the 1-minute load average ({os.getloadavg()[0]:.2f}) to fall to "
+            f"{LOAD_WARN}")
+    while os.getloadavg()[0] > LOAD_WARN and time.monotonic() < deadline:
+        time.sleep(5)
+    return load_state()
+
+
 def load_state() -> dict[str, Any]:
     uptime = None
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
@@ -563,7 +575,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"host {ctx['hostname']}",
         f"- threads: {ctx['threads']} for every runtime; fp32, batch 1; each runtime in its own process, "
         f"{ctx['rounds']} alternating rounds × ({ctx['warmup']} warm-up + {ctx['runs']} timed calls)",
-        f"- load average before/after: {' '.join(_fmt(v) for v in ctx['load_before']['loadavg'])} / "
+        f"- load average (1, 5, 15 min) before compiling / when timing began / after: "
+        f"{' '.join(_fmt(v) for v in ctx['load_before']['loadavg'])} / "
+        f"{' '.join(_fmt(v) for v in ctx['load_at_timing']['loadavg'])} / "
         f"{' '.join(_fmt(v) for v in ctx['load_after']['loadavg'])}",
         f"- tvmnet {versions['tvmnet']} @ {commit}, TVM {versions['tvm']}, onnxruntime {versions['onnxruntime']}, "
         f"OpenVINO {versions['openvino'] or 'not installed'}",
@@ -606,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=None,
                         help="timed calls per block (default: enough for 100 timed calls in all)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls at the start of each block (default: 5)")
+    parser.add_argument("--settle", type=float, default=240,
+                        help="seconds to wait after compiling for the 1-minute load to fall to 0.5 (default: 240)")
     parser.add_argument("--pause", type=float, default=0.25, help="seconds of quiet between blocks (default: 0.25)")
     parser.add_argument("--target", default="x86")
     parser.add_argument("--seed", type=int, default=0, help="weights and input seed (default: 0)")
@@ -626,10 +642,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(REPO))
     load_before = load_state()
     warnings: list[str] = []
-    if load_before["loadavg"][0] > LOAD_WARN:
-        warnings.append(f"1-minute load average was {load_before['loadavg'][0]:.2f} before starting "
-                        f"(> {LOAD_WARN}): something else is using the CPU, the numbers are not clean")
-        say(warnings[-1])
     configs = parse_models(args.models)
     args.threads = args.threads or physical_cores()
     if args.rounds < 1 or args.warmup < 0 or args.threads < 1:
@@ -654,6 +666,12 @@ def main(argv: list[str] | None = None) -> int:
 
     code = code_identity()
     entries = [prepare(config, args, code, tvm.__version__) for config in configs]  # compile everything first
+    load_at_timing = settle_load(args.settle)
+    if load_at_timing["loadavg"][0] > LOAD_WARN:
+        warnings.append(f"1-minute load average was {load_at_timing['loadavg'][0]:.2f} when timing began "
+                        f"(> {LOAD_WARN}, after waiting up to {args.settle:.0f} s): something else is using the "
+                        "CPU, or compiling just did; the numbers are not clean")
+        say(warnings[-1])
     models = []
     for config, entry in zip(configs, entries):
         say(f"{config.slug}: timing {args.rounds} rounds × ({args.warmup} + {args.runs}) calls per runtime, "
@@ -677,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         "pause_s": args.pause,
         "target": args.target,
         "load_before": load_before,
+        "load_at_timing": load_at_timing,
         "load_after": load_after,
         "versions": {
             "tvmnet": _version("tvmnet"),
