@@ -152,7 +152,10 @@ def test_tune_through_emulated_board_then_compile_with_the_log(board, tracker, t
     out = tvmnet.compile(model, output=tmp_path / "tuned", target="rasp4b", tuning_logs=log_dir,
                          progress=lines.append)
     schedules = json.loads((out / "manifest.json").read_text())["schedules"]
-    assert TUNED_TASK in schedules["tuned"] and schedules["database"] == str(log_dir), schedules
+    assert schedules["database"] == str(log_dir), schedules
+    # compile applies the fastest record: a tuned one, or the untuned floor when 2 random trials lost to it
+    floor_won = result.tasks[0].untuned_us is not None and result.tasks[0].untuned_us <= result.tasks[0].best_us
+    assert (TUNED_TASK in schedules["fallback" if floor_won else "tuned"]), (result.tasks[0], schedules)
     assert any("tuned schedules: 1 of" in line for line in lines), lines
 
     x = np.random.default_rng(1).standard_normal((1, 3, 96, 96)).astype("float32")
