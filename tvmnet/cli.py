@@ -230,6 +230,9 @@ def verify_cmd(artifact: Path, model: Path | None, seed: int, rtol: float, atol:
         sys.exit(1)
 
 
+PROFILE_RUNS = 20  # instrumented runs behind `bench --per-kernel`'s medians
+
+
 @main.command("bench")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--number", default=10, show_default=True, help="Calls per timed sample.")
@@ -248,7 +251,7 @@ def bench_cmd(artifact: Path, number: int, repeat: int, as_json: bool, per_kerne
     if per_kernel and getattr(model, "remote", None) is not None:
         model.profile()  # refused with the reason before any timing is spent
     stats = model.benchmark(number=number, repeat=repeat)
-    kernels = model.profile() if per_kernel else None
+    kernels = model.profile(runs=PROFILE_RUNS) if per_kernel else None
     remote = getattr(model, "remote", None)
     if as_json:
         data = stats.to_json()
@@ -267,7 +270,7 @@ def bench_cmd(artifact: Path, number: int, repeat: int, as_json: bool, per_kerne
                f"({stats.repeat} samples x {stats.number} calls){where}")
     if kernels is not None:
         total_us = sum(k.us for k in kernels)
-        click.echo(f"per kernel (median of 20 instrumented runs, {total_us / 1e3:.3f} ms in calls):")
+        click.echo(f"per kernel (median of {PROFILE_RUNS} instrumented runs, {total_us / 1e3:.3f} ms in calls):")
         click.echo(f"{'µs':>9} {'share':>6} {'calls':>5}  function")
         for k in kernels[:top or None]:
             click.echo(f"{k.us:9.1f} {k.share:6.1%} {k.calls:5d}  {k.name}")
