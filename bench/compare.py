@@ -67,6 +67,23 @@ def say(message: str) -> None:
 # Worker: one runtime in one process, timed on command
 
 
+def ort_session(model: str, threads: int, profile_prefix: str | None = None):
+    """onnxruntime as every bench script runs it: CPU provider, ``threads`` intra-op threads, sequential,
+    all graph optimizations (its NCHWc convolutions included); ``profile_prefix`` turns on its per-node
+    profiler."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
 def _worker(args: argparse.Namespace) -> int:
     """Load one runtime, write its output on the benchmark input, then time blocks on request.
 
@@ -81,14 +98,7 @@ def _worker(args: argparse.Namespace) -> int:
     threads = args.threads
     started = time.perf_counter()
     if args.worker == ORT:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(args.model, options, providers=["CPUExecutionProvider"])
+        session = ort_session(args.model, threads)
         feed = {session.get_inputs()[0].name: x}
 
         def call():

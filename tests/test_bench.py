@@ -64,3 +64,31 @@ def test_compare_smoke(tmp_path):
     assert "| model | runtime | median ms | p90 ms | × onnxruntime |" in table
     assert "| mobilenet_v2-0.25-96 | tvmnet-untuned |" in table and "no tuning log" in table
     assert table.strip() in proc.stdout
+
+
+@pytest.mark.timeout(300)
+def test_breakdown_accounts_for_every_convolution(tmp_path):
+    """bench/breakdown.py joins both runtimes' profiles on conv shapes: every Conv of the model must land in
+    exactly one row on both sides (a join that drops or double-counts layers would misplace the blame)."""
+    import onnx
+
+    results = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "breakdown.py"), "--model", "mobilenet_v2:0.25:96", "--rounds", "1",
+         "--runs", "3", "--warmup", "1", "--threads", "1", "--work-dir", str(tmp_path / "work"),
+         "--results-dir", str(results)],
+        capture_output=True, text=True, timeout=280, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (json_path,) = results.glob("breakdown-*-mobilenet_v2-0.25-96.json")
+    assert json_path.with_name(json_path.name.replace(".json", ".md")).is_file()
+    result = json.loads(json_path.read_text())
+    (onnx_path,) = (tmp_path / "work" / "onnx").glob("*.onnx")
+    convs = [n for n in onnx.load(str(onnx_path)).graph.node if n.op_type == "Conv"]
+    assert result["unmatched_tvm_kernels"] == []
+    assert sum(row["calls"] for row in result["rows"]) == len(convs) == 52
+    assert {row["class"] for row in result["rows"]} == {"pointwise", "depthwise", "full conv"}
+    for row in result["rows"]:
+        assert row["onnxruntime_us"] > 0 and row["tvmnet_us"] > 0 and row["kernels"], row
+    for name, entry in result["classes"].items():
+        assert entry["onnxruntime_us"] > 0 and entry["tvmnet_us"] > 0, name
