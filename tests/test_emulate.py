@@ -173,10 +173,10 @@ def test_unknown_key_absent_tracker_and_stop_fail_clearly(board, tracker, artifa
         assert done.stderr.strip().startswith("tvmnet: error: no RPC server with key 'nope'"), done.stderr
     else:
         from tvmnet.targets import get_target
-        from tvmnet.tune import _make_runner
+        from tvmnet.tune import make_runner
 
         with pytest.raises(TvmnetError, match="no RPC server with key 'nope'"):
-            _make_runner(get_target("rasp4b"), rpc_tracker=tracker.address, rpc_key="nope", timeout_s=10,
+            make_runner(get_target("rasp4b"), rpc_tracker=tracker.address, rpc_key="nope", timeout_s=10,
                          number=1, repeat=1, min_repeat_ms=0)
     assert time.monotonic() - started < 90
 

@@ -261,12 +261,12 @@ def test_board_dying_mid_tune_fails_its_trial_and_tuning_goes_on(tmp_path):
 
 def test_rpc_tune_with_unknown_key_fails_clearly(tmp_path):
     from tvmnet import rpc
-    from tvmnet.tune import _make_runner
+    from tvmnet.tune import make_runner
     from tvmnet.targets import get_target
 
     with rpc.start_tracker() as tracker:
         with pytest.raises(TvmnetError, match="no RPC server with key 'nope'"):
-            _make_runner(get_target("x86"), rpc_tracker=tracker.address, rpc_key="nope", timeout_s=10, number=1,
+            make_runner(get_target("x86"), rpc_tracker=tracker.address, rpc_key="nope", timeout_s=10, number=1,
                          repeat=1, min_repeat_ms=0)
     with pytest.raises(TvmnetError, match="cannot reach the RPC tracker"):
         rpc.query_tracker("127.0.0.1", rpc.free_port())

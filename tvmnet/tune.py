@@ -400,7 +400,9 @@ class _Export:
         return path
 
 
-def _make_builder(spec, timeout_s: float, max_workers: int):
+def make_builder(spec, timeout_s: float, max_workers: int):
+    """MetaSchedule's LocalBuilder as every tvmnet tune uses it: workers warmed by ``_worker_init`` (so the
+    first build does not time out importing the tensor intrinsics) and the target's cross linker."""
     ms = _ms()
     export = _Export(spec.cross_compiler.cc, spec.cross_compiler.options) if spec.cross_compiler else _Export()
     if spec.cross_compiler:
@@ -416,7 +418,9 @@ def _parse_tracker(tracker: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _make_runner(spec, *, rpc_tracker, rpc_key, timeout_s, number, repeat, min_repeat_ms):
+def make_runner(spec, *, rpc_tracker, rpc_key, timeout_s, number, repeat, min_repeat_ms):
+    """The runner every tvmnet tune measures with, here (LocalRunner) or on boards behind an RPC tracker;
+    returns ``(runner, its name for progress lines)``."""
     ms = _ms()
     evaluator = ms.runner.EvaluatorConfig(number=number, repeat=repeat, min_repeat_ms=min_repeat_ms,
                                           enable_cpu_cache_flush=False)
@@ -458,7 +462,7 @@ def _record_seconds(record) -> float | None:
 
 
 def is_baseline(record) -> bool:
-    """A record with an empty trace: the untuned kernel, measured by :func:`_measure_baselines`."""
+    """A record with an empty trace: the untuned kernel, measured by :func:`measure_baselines`."""
     return len(record.trace.insts) == 0
 
 
@@ -483,7 +487,12 @@ def database_stats(database, tasks: Sequence) -> dict[int, tuple[int, float | No
     return {h: (n, best, base) for h, (n, best, base) in stats.items()}
 
 
-def _measure_baselines(tasks: Sequence, builder, runner, database, tvm_target, say: Progress) -> None:
+def task_stats(database, task) -> tuple[int, float | None, float | None]:
+    """(trials, best seconds, untuned seconds) of one task's workload in ``database``."""
+    return database_stats(database, [task])[_shash(task.dispatched[0])]
+
+
+def measure_baselines(tasks: Sequence, builder, runner, database, tvm_target, say: Progress) -> None:
     """Measure each task's untuned kernel (what compile falls back to without a record) with the tuning
     builder and runner, and store it as a record with an empty trace.
 
@@ -749,11 +758,11 @@ def tune(
         tuning = remaining > 0 and bool(to_tune)
         no_floor = [task for task, h in zip(selected, hashes) if before[h][2] is None and (tuning or before[h][0])]
         if tuning or no_floor:
-            builder = _make_builder(spec, builder_timeout_s,
+            builder = make_builder(spec, builder_timeout_s,
                                     builder_workers or max(1, min(2, (os.cpu_count() or 1))))
-            runner, runner_name = _make_runner(spec, rpc_tracker=rpc_tracker, rpc_key=rpc_key, timeout_s=timeout_s,
+            runner, runner_name = make_runner(spec, rpc_tracker=rpc_tracker, rpc_key=rpc_key, timeout_s=timeout_s,
                                                number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
-            _measure_baselines(no_floor, builder, runner, database, tvm_target, say)
+            measure_baselines(no_floor, builder, runner, database, tvm_target, say)
             before = database_stats(database, selected)
         if tuning and not interrupted.is_set():
             chosen = [selected[i] for i in to_tune]
