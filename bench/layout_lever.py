@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Layout levers, one kernel at a time: MobileNetV2's costliest convolutions tuned as NCHW (tvmnet's
-layout today), as NHWC (Relax ``ConvertLayout``) and as NCHW with weight prepacking (weights marked
+"""Layout levers, one kernel at a time: MobileNetV2's costliest convolutions tuned as NCHW (the ONNX
+model's layout), as NHWC (Relax ``ConvertLayout``), and either with weight prepacking (weights marked
 layout-free, so MetaSchedule's ``RewriteLayout`` may store them in the order its schedule reads them; a
-build would then fold that transform into the constants), same trials, same machine, best measured µs
-side by side.
+build folds that transform into the constants). NHWC+prepack is what tvmnet's pipeline does on CPUs.
+Same trials, same machine, best measured µs side by side.
 
 Each case is conv2d + bias, fused by tvmnet's pipeline (``tvmnet.pipeline.fuse``); only the fused
 convolution task is tuned (the layout transforms ConvertLayout adds at a module's edges are left
@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 # (name, input channels, output channels, spatial size, kernel, groups): MobileNetV2-1.0-224's costliest
 # kernels in the tuned x86 build (`tvmnet bench --per-kernel`), and one depthwise for contrast
-VARIANTS = ("NCHW", "NHWC", "NCHW+prepack")
+VARIANTS = ("NCHW", "NHWC", "NCHW+prepack", "NHWC+prepack")
 CASES = (
     ("pw 160->960 @7x7", 160, 960, 7, 1, 1),
     ("pw 96->576 @14x14", 96, 576, 14, 1, 1),
@@ -41,10 +41,9 @@ CASES = (
 )
 
 
-def conv_block(cin: int, cout: int, size: int, kernel: int, groups: int, layout: str):
-    """conv2d + bias in NCHW, converted to NHWC by Relax's ConvertLayout when asked."""
+def conv_block(cin: int, cout: int, size: int, kernel: int, groups: int):
+    """conv2d + bias in NCHW, as the ONNX frontend imports it."""
     import numpy as np
-    import tvm
     from tvm import relax
     from tvm.script import relax as R
 
@@ -58,42 +57,35 @@ def conv_block(cin: int, cout: int, size: int, kernel: int, groups: int, layout:
             y = bb.emit(relax.op.nn.conv2d(x, relax.const(weight), padding=kernel // 2, groups=groups))
             out = bb.emit_output(relax.op.add(y, relax.const(bias)))
         bb.emit_func_output(out)
-    mod = bb.get()
-    if layout == "NHWC":
-        mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
-    return tvm.relax.transform.FoldConstant()(mod)
+    return bb.get()
 
 
-def tune_conv_task(mod, spec, trials: int, work_dir: str, prepack: bool) -> tuple[str, float, float | None]:
+def tune_conv_task(mod, spec, trials: int, work_dir: str, layout: str, prepack: bool) -> tuple[str, float, float | None]:
     """(task name, best µs, untuned µs) of the module's convolution task.
 
     The builder measures a prepacked kernel without its weight transform (tvmnet's builder drops the
     layout-rewrite block, as MetaSchedule's default builder does), which is what a build that folds the
     transform into the constants would run."""
-    from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
     from tvmnet import pipeline, tune
 
     target = spec.tvm_target()
-    fused = pipeline.fuse(mod, target)
-    if prepack:
-        fused = relax.transform.AttachAttrLayoutFreeBuffers()(fused)
+    fused = pipeline.fuse(mod, target, layout=layout, prepack=prepack)
     tasks = [t for t in tune.extract_tasks(fused, target) if "conv2d" in t.task_name]
     assert len(tasks) == 1, [t.task_name for t in tasks]
-    builder = tune._make_builder(spec, 120.0, 2)
-    runner, _ = tune._make_runner(spec, rpc_tracker=None, rpc_key=None, timeout_s=60.0, number=3, repeat=1,
+    builder = tune.make_builder(spec, 120.0, 2)
+    runner, _ = tune.make_runner(spec, rpc_tracker=None, rpc_key=None, timeout_s=60.0, number=3, repeat=1,
                                   min_repeat_ms=100)
     database = ms.database.JSONDatabase(work_dir=work_dir)
-    tune._measure_baselines(tasks, builder, runner, database, target, lambda _m: None)
+    tune.measure_baselines(tasks, builder, runner, database, target, lambda _m: None)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         extracted_tasks=tasks, work_dir=work_dir,
         strategy=ms.search_strategy.EvolutionarySearch(population_size=512), seed=0)
     ms.tune_tasks(tasks=contexts, task_weights=[float(w) for w in weights], work_dir=work_dir,
                   max_trials_global=trials, num_trials_per_iter=64, builder=builder, runner=runner,
                   database=database, task_scheduler="round-robin")
-    stats = tune.database_stats(database, tasks)[tune._shash(tasks[0].dispatched[0])]
-    _, best, untuned = stats
+    _, best, untuned = tune.task_stats(database, tasks[0])
     return tasks[0].task_name, best * 1e6, (untuned * 1e6 if untuned is not None else None)
 
 
@@ -101,6 +93,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=128, help="trials per case and layout (default: 128)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    parser.add_argument("--cases", default=None, help="comma-separated subset of the case names, e.g. "
+                        f"'{CASES[0][0]}' (default: all)")
     parser.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     variants = [v for v in args.variants.split(",") if v]
@@ -108,15 +102,23 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
 
+    cases = CASES
+    if args.cases:
+        wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
+        cases = [case for case in CASES if case[0] in wanted]
+        if len(cases) != len(wanted):
+            parser.error(f"unknown case in {args.cases!r}; choose from {', '.join(c[0] for c in CASES)}")
+
     from tvmnet.targets import get_target
 
     spec = get_target("x86")
     rows = []
-    for name, cin, cout, size, kernel, groups in CASES:
+    for name, cin, cout, size, kernel, groups in cases:
         for layout in variants:
             with tempfile.TemporaryDirectory(prefix="tvmnet-layout-") as work_dir:
-                module = conv_block(cin, cout, size, kernel, groups, layout.split("+")[0])
-                task, best, untuned = tune_conv_task(module, spec, args.trials, work_dir, "prepack" in layout)
+                module = conv_block(cin, cout, size, kernel, groups)
+                task, best, untuned = tune_conv_task(module, spec, args.trials, work_dir, layout.split("+")[0],
+                                                     "prepack" in layout)
             flops = 2 * cout * (cin // groups) * kernel * kernel * size * size
             rows.append({"case": name, "layout": layout, "task": task, "trials": args.trials,
                          "best_us": round(best, 1), "untuned_us": round(untuned, 1) if untuned else None,
@@ -138,7 +140,7 @@ def main() -> int:
              "| case | " + " | ".join(f"{v} best µs (GFLOP/s)" for v in variants) + " | "
              + " | ".join(f"{v} / {variants[0]}" for v in variants[1:]) + " |",
              "| --- |" + " ---: |" * (2 * len(variants) - 1)]
-    for name, *_ in CASES:
+    for name, *_ in cases:
         got = [next(r for r in rows if r["case"] == name and r["layout"] == v) for v in variants]
         lines.append(f"| {name} | " + " | ".join(f"{r['best_us']} ({r['gflops']})" for r in got) + " | "
                      + " | ".join(f"{r['best_us'] / got[0]['best_us']:.2f}" for r in got[1:]) + " |")

@@ -81,3 +81,53 @@ def test_recompile_replaces_artifact_atomically(tmp_path):
     tvmnet.compile(zoo.build_model("mobilenet_v1", alpha=0.25, resolution=96, seed=5), output=out)
     assert sha256_file(out / "model.onnx") != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def _conv_clip_model(lo: float | None, hi: float | None, computed_hi: bool = False) -> "onnx.ModelProto":
+    """x -> Conv 3x3 -> Clip(lo, hi) -> Conv 1x1: a Clip between two convolutions, as in every MobileNet."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2")]
+    bounds = []
+    for name, value in (("lo", lo), ("hi", hi)):
+        if value is not None:
+            inits.append(numpy_helper.from_array(np.array(value, dtype=np.float32), name))
+        bounds.append(name if value is not None else "")
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1")]
+    if computed_hi:  # a bound computed in the graph from the input: TVM's own conversion must still apply
+        nodes += [helper.make_node("ReduceMax", ["x"], ["hi_c"], keepdims=0, name="max_of_x")]
+        bounds[1] = "hi_c"
+    nodes += [helper.make_node("Clip", ["c1", *bounds], ["c2"], name="clip"),
+              helper.make_node("Conv", ["c2", "w2"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "conv_clip", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("lo,hi,computed_hi", [(0.0, 6.0, False), (None, 0.5, False), (-0.5, None, False),
+                                               (None, None, False), (1.0, -1.0, False), (0.0, None, True)])
+def test_clip_bounds_match_onnxruntime(lo, hi, computed_hi, tmp_path):
+    """Clip with constant bounds is imported as Relax maximum/minimum (so the NHWC layout passes through
+    it); missing, crossed (lo > hi) and computed bounds must give onnxruntime's values all the same."""
+    compile_and_compare(_conv_clip_model(lo, hi, computed_hi), tmp_path / "a")
+
+
+def test_cpu_convolutions_are_nhwc_with_no_transposes_inside(tmp_path):
+    """The CPU pipeline converts convolutions to NHWC; a ReLU6 must not bring a transpose pair with it
+    (only the model's input and the classifier's feature map are transposed)."""
+    import tvm
+
+    from tvmnet import pipeline
+    from tvmnet.frontend import load_onnx
+    from tvmnet.targets import get_target
+
+    target = get_target("x86").tvm_target()
+    fused = pipeline.fuse(load_onnx(zoo.build_model("mobilenet_v2", alpha=0.25, resolution=96)).to_relax(), target)
+    names = [gv.name_hint for gv, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert sum("transpose" in n for n in names) == 2, names
+    convs = [f for gv, f in fused.functions.items() if "conv2d" in gv.name_hint]
+    assert convs and all("NHWC" in f.script() or "nhwc" in f.script() for f in convs)
+    assert all("layout_free_buffers" in f.attrs for f in convs)

@@ -54,7 +54,7 @@ class ImportedModel:
         from tvm.relax.frontend.onnx import from_onnx
 
         message = None
-        with _captured_native_output() as captured:
+        with _captured_native_output() as captured, _clip_as_relax_ops():
             try:
                 return from_onnx(
                     self.onnx_model,
@@ -68,6 +68,45 @@ class ImportedModel:
         if captured.text.strip() and hasattr(error, "add_note"):
             error.add_note("TVM's output:\n" + captured.text.strip())
         raise error
+
+
+@contextlib.contextmanager
+def _clip_as_relax_ops():
+    """While importing, convert a Clip with constant bounds to Relax's ``maximum``/``minimum`` ops.
+
+    TVM 0.27's converter lowers Clip straight to TIR (``call_tir`` of topi's maximum and minimum), which
+    Relax's ``ConvertLayout`` cannot see through: under the NHWC convolutions of :mod:`tvmnet.pipeline`
+    every ReLU6 would sit between two transposes. The Relax ops follow the layout and fuse into the
+    convolution all the same; the values are identical (max, then min). Clips with computed bounds keep
+    TVM's conversion (it also maps NaN bounds to ±inf). The frontend has no hook for custom converters,
+    so the classmethod is swapped for the duration of the import and restored after.
+    """
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    converter = getattr(onnx_frontend, "Clip", None)
+    original = vars(converter).get("_impl_v13") if converter is not None else None
+    if original is None:  # another TVM: keep its conversion
+        yield
+        return
+    constant = type(relax.const(0.0))
+
+    def impl_v13(cls, bb, inputs, attr, params):
+        bounds = [b for b in inputs[1:3] if b is not None]
+        if not all(isinstance(b, constant) and not np.isnan(b.value.numpy()).any() for b in bounds):
+            return original.__func__(cls, bb, inputs, attr, params)
+        result = inputs[0]
+        if len(inputs) > 1 and inputs[1] is not None:
+            result = bb.emit(relax.op.maximum(result, inputs[1]))
+        if len(inputs) > 2 and inputs[2] is not None:
+            result = bb.emit(relax.op.minimum(result, inputs[2]))
+        return result
+
+    converter._impl_v13 = classmethod(impl_v13)
+    try:
+        yield
+    finally:
+        converter._impl_v13 = original
 
 
 class _Captured:
