@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Re-create the tuning logs shipped under tuning_logs/x86/ on the machine you run it on.
-# Resumable: every measured record is kept, so stop it at any time and run it again to add more.
-# Pass 1 gives every task of V2, V1 and V3-Large a few trials (so no kernel is left on the naive
-# fallback), later passes spend more trials where the time is (tvmnet's scheduler picks by weight x latency).
-#   usage: bash bench/tune_shipped_logs.sh [TRIALS_PER_TASK_PASS1] [TRIALS_PER_TASK_PASS2]
+# Re-create the tuning logs shipped under tuning_logs/x86/ on the machine you run it on, with the
+# budgets they were made with (2026-11-23, AMD EPYC znver3, 2 cores; README's performance table):
+#   MobileNetV2-1.0-224  1,500 trials, 32 per task per round   (about 40 min)
+#   MobileNetV1-1.0-224    400 trials, 16 per task per round   (about 8 min)
+# Resumable: every measured record is kept, so stop it at any time and run it again; a larger budget
+# (first argument: a factor, default 1) adds trials where the time is (tvmnet's scheduler picks by
+# weight x latency, tasks with no trial first).
+#   usage: bash bench/tune_shipped_logs.sh [FACTOR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pass1=${1:-16}
-pass2=${2:-64}
-models=(mobilenet_v2 mobilenet_v1 mobilenet_v3_large)
-for per_task in "$pass1" "$pass2"; do
-  for model in "${models[@]}"; do
-    echo "=== $(date -u +%FT%TZ) $model: up to $per_task trials per task"
-    tvmnet tune "$model" --target x86 --trials-per-task "$per_task" --trials 100000
-  done
-done
+factor=${1:-1}
+export TVMNET_TUNING_LOGS="${TVMNET_TUNING_LOGS:-$PWD/tuning_logs}"
+echo "=== $(date -u +%FT%TZ) mobilenet_v2"
+tvmnet tune mobilenet_v2 --target x86 --trials $((1500 * factor)) --trials-per-iter 32
+echo "=== $(date -u +%FT%TZ) mobilenet_v1"
+tvmnet tune mobilenet_v1 --target x86 --trials $((400 * factor)) --trials-per-iter 16
