@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 
 import tvmnet
@@ -83,9 +84,8 @@ def test_recompile_replaces_artifact_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
 
-def _conv_clip_model(lo: float | None, hi: float | None, computed_hi: bool = False) -> "onnx.ModelProto":
+def _conv_clip_model(lo: float | None, hi: float | None, computed_hi: bool = False) -> onnx.ModelProto:
     """x -> Conv 3x3 -> Clip(lo, hi) -> Conv 1x1: a Clip between two convolutions, as in every MobileNet."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -131,3 +131,21 @@ def test_cpu_convolutions_are_nhwc_with_no_transposes_inside(tmp_path):
     convs = [f for gv, f in fused.functions.items() if "conv2d" in gv.name_hint]
     assert convs and all("NHWC" in f.script() or "nhwc" in f.script() for f in convs)
     assert all("layout_free_buffers" in f.attrs for f in convs)
+
+
+def test_graph_convert_layout_cannot_handle_still_compiles(tmp_path):
+    """ONNX Max of two tensors imports as stack + max over a 5-D tensor, which Relax's ConvertLayout
+    rejects; the pipeline then keeps the model's NCHW layout, and the result still matches onnxruntime."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w3")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1], name="conv_a"),
+             helper.make_node("Conv", ["x", "w2"], ["b"], pads=[1, 1, 1, 1], name="conv_b"),
+             helper.make_node("Max", ["a", "b"], ["m"], name="max_ab"),
+             helper.make_node("Conv", ["m", "w3"], ["y"], name="conv_y")]
+    graph = helper.make_graph(nodes, "max_of_convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])], inits)
+    compile_and_compare(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "a")

@@ -60,9 +60,12 @@ def fuse(mod: tvm.IRModule, target: tvm.target.Target, *, layout: str | None = N
     if layout not in CONV_LAYOUTS:
         raise ValueError(f"unknown convolution layout {layout!r}; choose from {', '.join(CONV_LAYOUTS)}")
     prepack = default_prepack if prepack is None else prepack
+    if layout != "NCHW":  # first: ConvertLayout fails on what DecomposeOpsForInference leaves
+        try:
+            mod = relax.transform.ConvertLayout({"relax.nn.conv2d": CONV_LAYOUTS[layout]})(mod)
+        except RuntimeError:  # an op ConvertLayout cannot re-layout: the model keeps its NCHW (slower, correct)
+            pass
     passes = [
-        # before DecomposeOpsForInference: ConvertLayout fails on what it leaves
-        *([relax.transform.ConvertLayout({"relax.nn.conv2d": CONV_LAYOUTS[layout]})] if layout != "NCHW" else []),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         relax.backend.DispatchSampling(),
