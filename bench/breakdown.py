@@ -142,6 +142,8 @@ def tvm_conv_keys(onnx_path: Path, target: str) -> dict[str, Key]:
 def join(ort_rounds: list[dict[str, float]], tvm_rounds: list[dict[str, dict[str, float]]],
          onnx_keys: dict[str, Key], tvm_keys: dict[str, Key]) -> dict[str, Any]:
     """Per conv key: both runtimes' µs per run (median over rounds); the rest summed per runtime as other."""
+    from tvmnet import pipeline
+
     def median_over_rounds(rounds: list[dict[str, float]]) -> dict[str, float]:
         return {name: statistics.median(r.get(name, 0.0) for r in rounds) for name in rounds[0]}
 
@@ -157,8 +159,7 @@ def join(ort_rounds: list[dict[str, float]], tvm_rounds: list[dict[str, dict[str
         row["ort_us"] += us
     unmatched = []
     for name, us in tvm.items():
-        # a kernel whose weights a tuned schedule reordered is built as <fused name>_prepacked
-        key = tvm_keys.get(name.removesuffix("_prepacked"))
+        key = tvm_keys.get(pipeline.fused_name(name))
         if key is None or key not in rows:
             if key is not None:
                 unmatched.append(name)

@@ -293,6 +293,29 @@ def test_floor_is_what_the_database_applies(tuned):
         assert _record_seconds(applied[key]) == fastest
 
 
+def test_prepacked_weights_fold_into_constants(tuned):
+    """A tuned CPU schedule reorders its weights (RewriteLayout); building folds the reordering into the
+    constants and leaves no tuple of folded weights behind for the VM to build and unpack every call."""
+    result, _root, _lines, _seconds = tuned
+    import tvm
+    from tvm import relax
+
+    from tvmnet import pipeline
+    from tvmnet.frontend import load_onnx
+    from tvmnet.targets import get_target
+    from tvmnet.tune import compile_database
+
+    tvm_target = get_target("x86").tvm_target()
+    fused = pipeline.fuse(load_onnx(_model()).to_relax(), tvm_target)
+    scheduled, report = pipeline.schedule(fused, tvm_target, compile_database(result.log_dir))
+    kernels = [gv.name_hint for gv, f in scheduled.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    prepacked = {pipeline.fused_name(k) for k in kernels if k != pipeline.fused_name(k)}
+    assert prepacked and prepacked <= set(report.tuned), (kernels, report.tuned)
+    tuples = [str(binding.var) for block in scheduled["main"].body.blocks for binding in block.bindings
+              if isinstance(binding.value, (relax.Tuple, relax.TupleGetItem))]
+    assert not tuples, tuples
+
+
 @pytest.mark.timeout(300)
 def test_log_tuned_on_another_cpu_warns(tuned):
     """Records keep the mcpu they were measured for; a build for another CPU is told its log was not made there."""

@@ -92,14 +92,13 @@ def _clip_as_relax_ops():
     constant = type(relax.const(0.0))
 
     def impl_v13(cls, bb, inputs, attr, params):
-        bounds = [b for b in inputs[1:3] if b is not None]
-        if not all(isinstance(b, constant) and not np.isnan(b.value.numpy()).any() for b in bounds):
+        given = [(op, bound) for op, bound in zip((relax.op.maximum, relax.op.minimum), inputs[1:3])
+                 if bound is not None]
+        if not all(isinstance(b, constant) and not np.isnan(b.value.numpy()).any() for _, b in given):
             return original.__func__(cls, bb, inputs, attr, params)
         result = inputs[0]
-        if len(inputs) > 1 and inputs[1] is not None:
-            result = bb.emit(relax.op.maximum(result, inputs[1]))
-        if len(inputs) > 2 and inputs[2] is not None:
-            result = bb.emit(relax.op.minimum(result, inputs[2]))
+        for op, bound in given:  # max with the lower bound, then min with the upper: ONNX's order
+            result = bb.emit(op(result, bound))
         return result
 
     converter._impl_v13 = classmethod(impl_v13)

@@ -108,11 +108,14 @@ def schedule(mod: tvm.IRModule, target: tvm.target.Target, database=None) -> tup
             mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
     tuned = _scheduled(mod) - before
     names = _prim_func_names(mod)
-    if database is not None and not _is_gpu(target):
-        # the weight reorderings tuned schedules asked for become their own functions on constants: fold them
+    if database is not None and conv_layout(target)[1]:
+        # the weight reorderings tuned schedules asked for become their own functions on constants: fold
+        # them; CanonicalizeBindings then drops the tuples of folded weights the split leaves behind, each
+        # of which would otherwise cost the VM a make_tuple, two tuple_getitems and a kill per inference
         with target:
             mod = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(),
                                             relax.transform.FoldConstant(),
+                                            relax.transform.CanonicalizeBindings(),
                                             relax.transform.DeadCodeElimination()])(mod)
     if _is_gpu(target):
         from tvm.s_tir import dlight
@@ -126,6 +129,15 @@ def schedule(mod: tvm.IRModule, target: tvm.target.Target, database=None) -> tup
                 dlight.gpu.Fallback(),
             )(mod)
     return mod, ScheduleReport(tuned=sorted(tuned), fallback=sorted(set(names) - tuned))
+
+
+PREPACKED_SUFFIX = "_prepacked"
+"""SplitLayoutRewritePreproc builds a fused function whose weights it reordered as ``<name>_prepacked``."""
+
+
+def fused_name(kernel: str) -> str:
+    """The fused function (a tuning task's name) a kernel of the built module comes from."""
+    return kernel.removesuffix(PREPACKED_SUFFIX)
 
 
 def lower(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
