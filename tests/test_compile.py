@@ -115,9 +115,11 @@ def test_clip_bounds_match_onnxruntime(lo, hi, computed_hi, tmp_path):
     compile_and_compare(_conv_clip_model(lo, hi, computed_hi), tmp_path / "a")
 
 
-def test_cpu_convolutions_are_nhwc_with_no_transposes_inside(tmp_path):
-    """The CPU pipeline converts convolutions to NHWC; a ReLU6 must not bring a transpose pair with it
-    (only the model's input and the classifier's feature map are transposed)."""
+@pytest.mark.parametrize("family", zoo.MODEL_NAMES)
+def test_cpu_convolutions_are_nhwc_with_no_transposes_inside(family):
+    """The CPU pipeline converts convolutions to NHWC; a ReLU6, HardSigmoid or HardSwish must not bring a
+    transpose pair with it (only the model's input and the classifier's feature map are transposed), and
+    V3's HardSwish fuses into the convolution before it."""
     import tvm
 
     from tvmnet import pipeline
@@ -125,9 +127,12 @@ def test_cpu_convolutions_are_nhwc_with_no_transposes_inside(tmp_path):
     from tvmnet.targets import get_target
 
     target = get_target("x86").tvm_target()
-    fused = pipeline.fuse(load_onnx(zoo.build_model("mobilenet_v2", alpha=0.25, resolution=96)).to_relax(), target)
+    fused = pipeline.fuse(load_onnx(zoo.build_model(family, alpha=0.25, resolution=96)).to_relax(), target)
     names = [gv.name_hint for gv, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert sum("transpose" in n for n in names) == 2, names
+    if family.startswith("mobilenet_v3"):  # HardSwish: x * clip(x / 6 + 0.5, 0, 1)
+        assert any(n.startswith("fused_conv2d") and all(op in n for op in ("maximum", "minimum", "multiply"))
+                   for n in names), names
     convs = [f for gv, f in fused.functions.items() if "conv2d" in gv.name_hint]
     assert convs and all("NHWC" in f.script() or "nhwc" in f.script() for f in convs)
     assert all("layout_free_buffers" in f.attrs for f in convs)

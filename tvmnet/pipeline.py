@@ -50,6 +50,36 @@ def conv_layout(target: tvm.target.Target) -> tuple[str, bool]:
     return ("NCHW", False) if _is_gpu(target) else ("NHWC", True)
 
 
+@relax.expr_functor.mutator
+class _ClipAsMaxMin(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.mod = mod
+        self.clip = tvm.ir.Op.get("relax.clip")
+
+    def transform(self) -> tvm.IRModule:
+        for gv, func in self.mod.functions.items():
+            if isinstance(func, relax.Function):
+                self.builder_.update_func(gv, self.visit_expr(func))
+        return self.builder_.get()
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = self.visit_expr_post_order(call)
+        if call.op != self.clip or not str(call.args[0].ty.dtype).startswith("float"):
+            return call
+        x, low, high = call.args
+        dtype = x.ty.dtype
+        lower = self.builder_.emit(relax.op.maximum(x, relax.const(float(low.value), dtype)))
+        return relax.op.minimum(lower, relax.const(float(high.value), dtype))
+
+
+def clip_as_max_min(mod: tvm.IRModule) -> tvm.IRModule:
+    """Rewrite ``relax.clip`` on float tensors (what ONNX HardSigmoid and HardSwish import as) to
+    ``maximum``/``minimum``: ConvertLayout has no layout rule for clip and would wrap every one in a pair
+    of transposes, which also keeps MobileNetV3's HardSwish out of its convolution's fused kernel."""
+    return _ClipAsMaxMin(mod).transform()
+
+
 def fuse(mod: tvm.IRModule, target: tvm.target.Target, *, layout: str | None = None,
          prepack: bool | None = None) -> tvm.IRModule:
     """Simplify for inference, set the convolution layout, legalize to TIR and fuse: the module tasks are
@@ -62,7 +92,7 @@ def fuse(mod: tvm.IRModule, target: tvm.target.Target, *, layout: str | None = N
     prepack = default_prepack if prepack is None else prepack
     if layout != "NCHW":  # first: ConvertLayout fails on what DecomposeOpsForInference leaves
         try:
-            mod = relax.transform.ConvertLayout({"relax.nn.conv2d": CONV_LAYOUTS[layout]})(mod)
+            mod = relax.transform.ConvertLayout({"relax.nn.conv2d": CONV_LAYOUTS[layout]})(clip_as_max_min(mod))
         except RuntimeError:  # an op ConvertLayout cannot re-layout: the model keeps its NCHW (slower, correct)
             pass
     passes = [
