@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Re-create the tuning logs shipped under tuning_logs/x86/ on the machine you run it on, with the
-# budgets they were made with (2026-11-23, AMD EPYC znver3, 2 cores; README's performance table):
-#   MobileNetV2-1.0-224  1,500 trials, 32 per task per round   (about 40 min)
-#   MobileNetV1-1.0-224    400 trials, 16 per task per round   (about 18 min)
+# budgets they were made with (2026-11-23/24, AMD EPYC znver3, 2 cores; README's performance table):
+#   MobileNetV2-1.0-224        1,500 trials, 32 per task per round   (41 min)
+#   MobileNetV1-1.0-224          700 trials, 16 per task per round   (17 min for the first 400)
+#   MobileNetV3-Large-1.0-224  1,200 trials, 16 per task per round   (36 min)
+#   MobileNetV3-Small-1.0-224    900 trials, 16 per task per round   (25 min)
+#   MobileNetV2-0.5-160          600 trials, 16 per task per round   (16 min)
+# A budget below 16 x the number of tasks (V3-Small has 52) leaves some tasks on their untuned kernel.
 # Resumable: every measured record is kept, so stop it at any time and run it again; a larger budget
 # (first argument: a factor, default 1) adds trials where the time is (tvmnet's scheduler picks by
 # weight x latency, tasks with no trial first).
@@ -11,7 +15,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 factor=${1:-1}
 export TVMNET_TUNING_LOGS="${TVMNET_TUNING_LOGS:-$PWD/tuning_logs}"
-echo "=== $(date -u +%FT%TZ) mobilenet_v2"
-tvmnet tune mobilenet_v2 --target x86 --trials $((1500 * factor)) --trials-per-iter 32
-echo "=== $(date -u +%FT%TZ) mobilenet_v1"
-tvmnet tune mobilenet_v1 --target x86 --trials $((400 * factor)) --trials-per-iter 16
+tune() { echo "=== $(date -u +%FT%TZ) $*"; tvmnet tune "$@" --target x86; }
+tune mobilenet_v2 --trials $((1500 * factor)) --trials-per-iter 32
+tune mobilenet_v1 --trials $((700 * factor)) --trials-per-iter 16
+tune mobilenet_v3_large --trials $((1200 * factor)) --trials-per-iter 16
+tune mobilenet_v3_small --trials $((900 * factor)) --trials-per-iter 16
+tune mobilenet_v2 --alpha 0.5 --resolution 160 --trials $((600 * factor)) --trials-per-iter 16
