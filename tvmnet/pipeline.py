@@ -65,10 +65,12 @@ class _ClipAsMaxMin(relax.PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
-        if call.op != self.clip or not str(call.args[0].ty.dtype).startswith("float"):
+        if call.op != self.clip:
             return call
         x, low, high = call.args
         dtype = x.ty.dtype
+        if not str(dtype).startswith("float"):
+            return call
         lower = self.builder_.emit(relax.op.maximum(x, relax.const(float(low.value), dtype)))
         return relax.op.minimum(lower, relax.const(float(high.value), dtype))
 
