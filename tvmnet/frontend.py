@@ -54,7 +54,7 @@ class ImportedModel:
         from tvm.relax.frontend.onnx import from_onnx
 
         message = None
-        with _captured_native_output() as captured, _clip_as_relax_ops():
+        with _captured_native_output() as captured, _clip_as_relax_op():
             try:
                 return from_onnx(
                     self.onnx_model,
@@ -71,15 +71,16 @@ class ImportedModel:
 
 
 @contextlib.contextmanager
-def _clip_as_relax_ops():
-    """While importing, convert a Clip with constant bounds to Relax's ``maximum``/``minimum`` ops.
+def _clip_as_relax_op():
+    """While importing, convert a Clip with constant bounds to Relax's ``clip`` op.
 
     TVM 0.27's converter lowers Clip straight to TIR (``call_tir`` of topi's maximum and minimum), which
     Relax's ``ConvertLayout`` cannot see through: under the NHWC convolutions of :mod:`tvmnet.pipeline`
-    every ReLU6 would sit between two transposes. The Relax ops follow the layout and fuse into the
-    convolution all the same; the values are identical (max, then min). Clips with computed bounds keep
-    TVM's conversion (it also maps NaN bounds to ±inf). The frontend has no hook for custom converters,
-    so the classmethod is swapped for the duration of the import and restored after.
+    every ReLU6 would sit between two transposes. As a Relax op it meets :func:`tvmnet.pipeline.fuse`,
+    which rewrites every float clip (these and HardSwish's) the one way. A missing bound is infinite.
+    Integer clips and clips with computed or NaN bounds keep TVM's conversion (it maps NaN bounds to
+    ±inf). The frontend has no hook for custom converters, so the classmethod is swapped for the import
+    and restored after.
     """
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend
@@ -92,14 +93,15 @@ def _clip_as_relax_ops():
     constant = type(relax.const(0.0))
 
     def impl_v13(cls, bb, inputs, attr, params):
-        given = [(op, bound) for op, bound in zip((relax.op.maximum, relax.op.minimum), inputs[1:3])
-                 if bound is not None]
-        if not all(isinstance(b, constant) and not np.isnan(b.value.numpy()).any() for _, b in given):
+        if not str(inputs[0].ty.dtype).startswith("float"):  # no infinite bound for integers
             return original.__func__(cls, bb, inputs, attr, params)
-        result = inputs[0]
-        for op, bound in given:  # max with the lower bound, then min with the upper: ONNX's order
-            result = bb.emit(op(result, bound))
-        return result
+        bounds = []
+        for bound, unbounded in zip(inputs[1:3], (-np.inf, np.inf)):
+            value = bound.value.numpy() if isinstance(bound, constant) else None
+            if bound is not None and (value is None or value.size != 1 or np.isnan(value).any()):
+                return original.__func__(cls, bb, inputs, attr, params)
+            bounds.append(unbounded if bound is None else float(value.item()))
+        return bb.emit(relax.op.clip(inputs[0], *bounds))
 
     converter._impl_v13 = classmethod(impl_v13)
     try:

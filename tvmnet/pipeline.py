@@ -14,6 +14,7 @@ late layers: bench/README.md has the measurements. GPU targets keep NCHW: their 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import tvm
@@ -71,14 +72,23 @@ class _ClipAsMaxMin(relax.PyExprMutator):
         dtype = x.ty.dtype
         if not str(dtype).startswith("float"):
             return call
-        lower = self.builder_.emit(relax.op.maximum(x, relax.const(float(low.value), dtype)))
-        return relax.op.minimum(lower, relax.const(float(high.value), dtype))
+        result = x
+        for op, bound, unbounded in ((relax.op.maximum, low, -math.inf), (relax.op.minimum, high, math.inf)):
+            if float(bound.value) != unbounded:
+                if result is not x:
+                    result = self.builder_.emit(result)
+                result = op(result, relax.const(float(bound.value), dtype))
+        return result
 
 
 def clip_as_max_min(mod: tvm.IRModule) -> tvm.IRModule:
-    """Rewrite ``relax.clip`` on float tensors (what ONNX HardSigmoid and HardSwish import as) to
-    ``maximum``/``minimum``: ConvertLayout has no layout rule for clip and would wrap every one in a pair
-    of transposes, which also keeps MobileNetV3's HardSwish out of its convolution's fused kernel."""
+    """Rewrite ``relax.clip`` on float tensors (ONNX Clip, HardSigmoid and HardSwish import as it) to
+    ``maximum`` with the lower bound, then ``minimum`` with the upper, skipping infinite bounds.
+
+    ConvertLayout has no layout rule for clip and would wrap every one in a pair of transposes, which
+    also keeps MobileNetV3's HardSwish out of its convolution's fused kernel. The order is ONNX's and
+    onnxruntime's: crossed bounds (lower > upper) give the upper one, where topi's clip would give the
+    lower."""
     return _ClipAsMaxMin(mod).transform()
 
 
@@ -92,9 +102,10 @@ def fuse(mod: tvm.IRModule, target: tvm.target.Target, *, layout: str | None = N
     if layout not in CONV_LAYOUTS:
         raise ValueError(f"unknown convolution layout {layout!r}; choose from {', '.join(CONV_LAYOUTS)}")
     prepack = default_prepack if prepack is None else prepack
+    mod = clip_as_max_min(mod)
     if layout != "NCHW":  # first: ConvertLayout fails on what DecomposeOpsForInference leaves
         try:
-            mod = relax.transform.ConvertLayout({"relax.nn.conv2d": CONV_LAYOUTS[layout]})(clip_as_max_min(mod))
+            mod = relax.transform.ConvertLayout({"relax.nn.conv2d": CONV_LAYOUTS[layout]})(mod)
         except RuntimeError:  # an op ConvertLayout cannot re-layout: the model keeps its NCHW (slower, correct)
             pass
     passes = [
