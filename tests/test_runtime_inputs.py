@@ -94,3 +94,15 @@ def test_dict_inputs(model, x):
         model.run({})
     with pytest.raises(InputError, match="unknown input name"):
         model.run({"input": x, "extra": x})
+
+
+def test_each_run_sees_its_own_input_and_keeps_its_output(model, x):
+    """The model copies every input into tensors it keeps: a run must never see the previous input, and
+    an output already returned must not change when the next run writes into the same memory."""
+    first = model.run(x)
+    kept = first.copy()
+    other = model.run(np.flip(x, axis=3) * 2.0 + 1.0)
+    again = model.run(x)
+    assert not np.allclose(other, first, rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(first, kept)
+    np.testing.assert_array_equal(again, first)
