@@ -341,15 +341,16 @@ def snapshot_log(log_dir: Path, work: Path) -> tuple[Path, str, dict[str, int]]:
 
     workloads = sum(1 for line in contents.get(tune.WORKLOAD_FILE, b"").splitlines() if line.strip())
     counts = {"workloads": workloads, "records": 0, "trials": 0, "baselines": 0, "tuned_workloads": 0,
-              "unreadable_lines": 0}
+              "unreadable_lines": 0, "trials_by_cpu": {}}
     tried: set[int] = set()
     for line in contents.get(tune.RECORD_FILE, b"").splitlines():
         if not line.strip():
             continue
         try:  # [workload index, [trace [insts, decisions], run_secs, target, args]]
-            index, (trace, *_rest) = json.loads(line)
+            index, (trace, _secs, target, *_rest) = json.loads(line)
             empty = len(trace[0]) == 0
-        except (ValueError, TypeError, IndexError):
+            cpu = str(target.get("mcpu") or target.get("arch") or target.get("kind"))
+        except (ValueError, TypeError, IndexError, AttributeError):
             counts["unreadable_lines"] += 1
             continue
         counts["records"] += 1
@@ -357,6 +358,7 @@ def snapshot_log(log_dir: Path, work: Path) -> tuple[Path, str, dict[str, int]]:
             counts["baselines"] += 1
         else:
             counts["trials"] += 1
+            counts["trials_by_cpu"][cpu] = counts["trials_by_cpu"].get(cpu, 0) + 1
             tried.add(index)
     counts["tuned_workloads"] = len(tried)
     return snap, digest, counts
@@ -518,6 +520,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def llvm_cpu() -> str:
+    """LLVM's name for this CPU (what ``--target x86`` builds for, and what tuning records are keyed by):
+    two machines that both say "AMD EPYC" can be znver3 and znver5."""
+    import tvm
+
+    return str(tvm.target.codegen.llvm_get_system_cpu())
+
+
 def physical_cores() -> int:
     with contextlib.suppress(Exception):
         import psutil
@@ -581,8 +591,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# tvmnet vs onnxruntime — {ctx['date_utc']}",
         "",
-        f"- CPU: {ctx['cpu_model']} ({ctx['physical_cores']} physical / {ctx['logical_cpus']} logical cores), "
-        f"host {ctx['hostname']}",
+        f"- CPU: {ctx['cpu_model']} ({ctx['physical_cores']} physical / {ctx['logical_cpus']} logical cores, LLVM "
+        f"mcpu {ctx.get('llvm_cpu', '?')}), host {ctx['hostname']}",
         f"- threads: {ctx['threads']} for every runtime; fp32, batch 1; each runtime in its own process, "
         f"{ctx['rounds']} alternating rounds × ({ctx['warmup']} warm-up + {ctx['runs']} timed calls)",
         f"- load average (1, 5, 15 min) before compiling / when timing began / after: "
@@ -603,7 +613,9 @@ def markdown(result: dict[str, Any]) -> str:
             sched = row.get("schedules")
             tuned = "–"
             if sched and row["runtime"] == TUNED:
-                tuned = f"{sched['tuned']}/{sched['total']} ({model['tuning'].get('trials', '?')} trials)"
+                by_cpu = model["tuning"].get("trials_by_cpu") or {"?": model["tuning"].get("trials", "?")}
+                tuned = f"{sched['tuned']}/{sched['total']} (trials: " + ", ".join(
+                    f"{n:,} on {cpu}" for cpu, n in sorted(by_cpu.items(), key=lambda item: -item[1])) + ")"
             elif sched:
                 tuned = f"0/{sched['total']}"
             lines.append(
@@ -694,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         "date_utc": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "hostname": socket.gethostname(),
         "cpu_model": cpu_model(),
+        "llvm_cpu": llvm_cpu(),
         "physical_cores": physical_cores(),
         "logical_cpus": os.cpu_count(),
         "platform": platform.platform(),

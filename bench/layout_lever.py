@@ -78,7 +78,7 @@ def tune_conv_task(mod, spec, trials: int, work_dir: str, layout: str, prepack: 
     runner, _ = tune.make_runner(spec, rpc_tracker=None, rpc_key=None, timeout_s=60.0, number=3, repeat=1,
                                   min_repeat_ms=100)
     database = ms.database.JSONDatabase(work_dir=work_dir)
-    tune.measure_baselines(tasks, builder, runner, database, target, lambda _m: None)
+    tune.measure_schedules(tasks, builder, runner, database, target, lambda _m: None)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         extracted_tasks=tasks, work_dir=work_dir,
         strategy=ms.search_strategy.EvolutionarySearch(population_size=512), seed=0)

@@ -335,6 +335,49 @@ def test_log_tuned_on_another_cpu_warns(tuned):
     assert len(other) == 1 and f"tuned on {here.attrs['mcpu']} and this build is for {elsewhere}" in other[0]
 
 
+@pytest.mark.timeout(420)
+def test_log_from_another_cpu_seeds_a_tune_here(tuned, tmp_path):
+    """A log made on another CPU (the machine changed): its records neither count as trials here nor set the
+    floor; a tune here first measures that CPU's best schedule of each task on this CPU, and compile then
+    prefers this CPU's records, borrowing the other CPU's only for workloads this CPU has none of."""
+    import shutil
+
+    from tvmnet.targets import get_target
+    from tvmnet.tune import RECORD_FILE, _cpu_of, _shash, compile_database, is_baseline
+
+    here = str(get_target("x86").tvm_target().attrs["mcpu"])
+    other = "skylake-avx512" if here != "skylake-avx512" else "znver3"
+    log = tmp_path / "moved"
+    shutil.copytree(tuned[0].log_dir, log, ignore=shutil.ignore_patterns("logs", ".tune.lock"))
+    text = (log / RECORD_FILE).read_text()
+    assert f'"mcpu":"{here}"' in text
+    (log / RECORD_FILE).write_text(text.replace(f'"mcpu":"{here}"', f'"mcpu":"{other}"'))
+    theirs: dict[int, object] = {}
+    for record in _trials(_database_records(log)):
+        key = _shash(record.workload.mod)
+        if key not in theirs or float(record.run_secs[0]) < float(theirs[key].run_secs[0]):
+            theirs[key] = record
+
+    lines: list[str] = []
+    again = tvmnet_tune(_model(), trials=1, tasks=TASKS[:1], log_dir=log, progress=lines.append, **SMALL)
+    assert any(f"0 trials on {here} already" in line for line in lines), lines
+    assert any("measuring the schedule from another CPU of 1 task(s)" in line for line in lines), lines
+    (task,) = again.tasks
+    assert task.new_trials == 1 and task.trials == 2, (task, lines)  # the other CPU's best, measured here, and 1 new
+    assert task.untuned_us is not None and task.best_us <= task.untuned_us
+
+    mine = [r for r in _database_records(log) if _cpu_of(r.target) == here]
+    assert sum(1 for r in mine if is_baseline(r)) == 1
+    ported = [r for r in mine if not is_baseline(r) and str(r.trace) == str(theirs[_shash(r.workload.mod)].trace)]
+    assert len(ported) == 1, "the other CPU's best schedule, measured on this one"
+
+    warned: list[str] = []
+    applied = compile_database(log, warn=warned.append, target=get_target("x86").tvm_target())
+    cpus = {_cpu_of(r.target) for r in applied.get_all_tuning_records()}
+    assert cpus == {here, other}, "the tuned task's record from here, the other task's from the other CPU"
+    assert len(warned) == 1 and f"1 of 2 workloads were tuned on {other} and this build is for {here}" in warned[0]
+
+
 def test_damaged_log_lines_are_reported_and_skipped(tuned, tmp_path):
     """A cut-short line, a blank line and a garbled workload: compile warns with file and line numbers,
     skips them, still applies the intact records; tune's repair moves the bad lines aside."""

@@ -15,6 +15,12 @@ joined batch. At most the batches in flight (built and sent to the runner, not y
 A rerun into the same directory loads the database, counts the records already there against the
 trial budget, and warm-starts the evolutionary search from them.
 
+CPUs: every record keeps the target it was measured on, and times from two CPUs do not compare (the
+shipped x86 logs were first tuned on a znver3 machine, then again on a znver5 one). So a tune counts
+trials and floors of its own CPU only, and one that starts on a CPU new to the log first measures the
+other CPU's best schedule of each task here; ``compile`` applies each workload's fastest record of the
+build's CPU and falls back to another CPU's, with a warning, only where its own CPU has none.
+
 Concurrency: a tune holds an exclusive ``fcntl.flock`` on ``<log_dir>/.tune.lock``; a second tune
 into the same directory fails at once with a :class:`TvmnetError` naming the holder's pid (it does
 not wait: a tune takes hours, and silently queueing behind one is worse than being told).
@@ -54,7 +60,7 @@ class TaskResult:
     name: str
     weight: int
     trials: int
-    """Records in the database for this workload (earlier runs included)."""
+    """Records measured on this CPU in the database for this workload (earlier runs included)."""
     new_trials: int
     """Trials measured by this run."""
     best_us: float | None
@@ -226,26 +232,31 @@ def compile_database(log_dir: str | os.PathLike, *, warn: Progress | None = None
     8.3 µs candidate). MemoryDatabase sorts by mean run time, so the fastest record, the untuned floor
     included, is the one applied.
 
-    Each record keeps the target it was measured for. When ``target`` (the build's ``tvm.target.Target``)
-    names another CPU, ``warn`` says so: the schedules still apply and compute the same results, but
-    they were fastest on the other CPU, not necessarily on this one.
+    Each record keeps the CPU it was measured on, and one log may hold records of several CPUs (a log
+    tuned on one machine, then tuned again on another). Times from two CPUs do not compare, so when
+    ``target`` (the build's ``tvm.target.Target``) is given, each workload takes its fastest record
+    measured on the build's CPU and only a workload with none takes another CPU's fastest; ``warn``
+    then says how many did: they apply and compute the same results, but were fastest elsewhere.
     """
     ms = _ms()
-    best: dict[int, tuple[float, object]] = {}
-    tuned_for: set[str] = set()
+    here = _cpu_of(target) if target is not None else None
+    best: dict[int, tuple[tuple[bool, float], object]] = {}
     for record in open_database(log_dir, warn=warn).get_all_tuning_records():
         secs = _record_seconds(record)
+        if secs is None:
+            continue
+        rank = (here is not None and _cpu_of(record.target) != here, secs)  # this CPU's records first
         key = _shash(record.workload.mod)
-        if secs is not None and (key not in best or secs < best[key][0]):
-            best[key] = (secs, record)
-        tuned_for.add(_cpu_of(record.target))
-    building_for = _cpu_of(target) if target is not None else None
-    if building_for and tuned_for and building_for not in tuned_for and warn is not None:
-        warn(f"warning: {log_dir} was tuned on {', '.join(sorted(tuned_for))} and this build is for {building_for}: "
-             "its schedules apply and compute the same results but may be slower here; run `tvmnet tune` on "
-             "this CPU for schedules made for it")
+        if key not in best or rank < best[key][0]:
+            best[key] = (rank, record)
+    borrowed = [record for (elsewhere, _secs), record in best.values() if elsewhere]
+    if borrowed and warn is not None:
+        cpus = ", ".join(sorted({_cpu_of(record.target) for record in borrowed}))
+        warn(f"warning: {log_dir}: {len(borrowed)} of {len(best)} workloads were tuned on {cpus} and this build is "
+             f"for {here}: their schedules apply and compute the same results but may be slower here; "
+             "run `tvmnet tune` on this CPU for schedules made for it")
     database = ms.database.MemoryDatabase(module_equality=MODULE_EQUALITY)
-    for _secs, record in best.values():
+    for _rank, record in best.values():
         workload = database.commit_workload(record.workload.mod)
         database.commit_tuning_record(ms.database.TuningRecord(
             record.trace, workload, record.run_secs, record.target, record.args_info))
@@ -462,12 +473,14 @@ def _record_seconds(record) -> float | None:
 
 
 def is_baseline(record) -> bool:
-    """A record with an empty trace: the untuned kernel, measured by :func:`measure_baselines`."""
+    """A record with an empty trace: the untuned kernel, measured by :func:`measure_schedules`."""
     return len(record.trace.insts) == 0
 
 
-def database_stats(database, tasks: Sequence) -> dict[int, tuple[int, float | None, float | None]]:
-    """workload hash -> (trials, best seconds, untuned seconds) for the given tasks' workloads.
+def database_stats(database, tasks: Sequence, cpu: str | None = None
+                   ) -> dict[int, tuple[int, float | None, float | None]]:
+    """workload hash -> (trials, best seconds, untuned seconds) for the given tasks' workloads, counting
+    only records measured on ``cpu`` when it is given (times from two CPUs do not compare).
 
     Trials do not count the untuned baseline record; the best includes it.
     """
@@ -475,7 +488,7 @@ def database_stats(database, tasks: Sequence) -> dict[int, tuple[int, float | No
     stats: dict[int, list] = {h: [0, None, None] for h in wanted}
     for record in database.get_all_tuning_records():
         h = _shash(record.workload.mod)
-        if h not in stats:
+        if h not in stats or (cpu is not None and _cpu_of(record.target) != cpu):
             continue
         secs = _record_seconds(record)
         if is_baseline(record):
@@ -487,18 +500,35 @@ def database_stats(database, tasks: Sequence) -> dict[int, tuple[int, float | No
     return {h: (n, best, base) for h, (n, best, base) in stats.items()}
 
 
-def task_stats(database, task) -> tuple[int, float | None, float | None]:
-    """(trials, best seconds, untuned seconds) of one task's workload in ``database``."""
-    return database_stats(database, [task])[_shash(task.dispatched[0])]
+def task_stats(database, task, cpu: str | None = None) -> tuple[int, float | None, float | None]:
+    """(trials, best seconds, untuned seconds) of one task's workload in ``database`` (on ``cpu``)."""
+    return database_stats(database, [task], cpu)[_shash(task.dispatched[0])]
 
 
-def measure_baselines(tasks: Sequence, builder, runner, database, tvm_target, say: Progress) -> None:
-    """Measure each task's untuned kernel (what compile falls back to without a record) with the tuning
-    builder and runner, and store it as a record with an empty trace.
+def fastest_elsewhere(database, tasks: Sequence, cpu: str) -> list:
+    """For each task, the fastest tuned record measured on another CPU than ``cpu``, or None."""
+    wanted = {_shash(task.dispatched[0]): i for i, task in enumerate(tasks)}
+    found: list = [None] * len(tasks)
+    for record in database.get_all_tuning_records():
+        i = wanted.get(_shash(record.workload.mod))
+        secs = _record_seconds(record)
+        if i is None or secs is None or is_baseline(record) or _cpu_of(record.target) == cpu:
+            continue
+        if found[i] is None or secs < _record_seconds(found[i]):
+            found[i] = record
+    return found
 
-    The database applies a workload's fastest record, so with this floor in it a tuned record is used
-    only where it measured faster than no record: a partial or short tune cannot make a model slower
-    than no log at all (few random candidates of a small elementwise kernel often lose to LLVM's own loop).
+
+def measure_schedules(tasks: Sequence, builder, runner, database, tvm_target, say: Progress,
+                      records: Sequence | None = None) -> None:
+    """Measure each task's workload, unscheduled or with the schedule of its record in ``records``, with
+    the tuning builder and runner, and store it as a record measured on ``tvm_target``.
+
+    Without ``records`` this measures the untuned kernels (empty traces), the floor a tuned record must
+    beat: the database applies a workload's fastest record, so a partial or short tune cannot make a
+    model slower than no log at all (few random candidates of a small elementwise kernel often lose to
+    LLVM's own loop). With another CPU's records it measures that CPU's best schedules here, so that a
+    tune on a new CPU starts from them with times that compare.
     """
     if not tasks:
         return
@@ -507,14 +537,27 @@ def measure_baselines(tasks: Sequence, builder, runner, database, tvm_target, sa
     from tvm.s_tir import Schedule
 
     ms = _ms()
-    say(f"measuring the untuned kernel of {len(tasks)} task(s): the floor a tuned record must beat")
-    mods = [task.dispatched[0] for task in tasks]
-    args = [ms.arg_info.ArgInfo.from_entry_func(mod, remove_preproc=True) for mod in mods]
-    built = builder.build([ms.builder.BuilderInput(mod, tvm_target) for mod in mods])
+    what = "untuned kernel" if records is None else "schedule from another CPU"
+    say(f"measuring the {what} of {len(tasks)} task(s)"
+        + (": the floor a tuned record must beat" if records is None else " on this one"))
+    scheduled = []  # (task, schedule) for each schedule that applies
+    for i, task in enumerate(tasks):
+        if records is None:
+            scheduled.append((task, Schedule(task.dispatched[0])))
+            continue
+        sch = Schedule(records[i].workload.mod)  # a trace names the blocks of the module it was tuned on
+        try:
+            records[i].trace.apply_to_schedule(sch, remove_postproc=False)
+        except Exception as exc:  # noqa: BLE001 - TVM's ScheduleError and friends: skip this one schedule
+            say(f"{task.task_name}: {what} does not apply, not recorded: {str(exc).strip().splitlines()[-1][:200]}")
+            continue
+        scheduled.append((task, sch))
+    args = [ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True) for _, sch in scheduled]
+    built = builder.build([ms.builder.BuilderInput(sch.mod, tvm_target) for _, sch in scheduled])
     ready = [i for i, b in enumerate(built) if b.error_msg is None]
     for i, b in enumerate(built):
         if b.error_msg is not None:
-            say(f"{tasks[i].task_name}: untuned kernel did not build, no floor for it: "
+            say(f"{scheduled[i][0].task_name}: {what} did not build, not recorded: "
                 f"{b.error_msg.strip().splitlines()[-1][:200]}")
     import tvm
 
@@ -523,12 +566,13 @@ def measure_baselines(tasks: Sequence, builder, runner, database, tvm_target, sa
     for i, future in zip(ready, futures):
         result = future.result()
         shutil.rmtree(os.path.dirname(built[i].artifact_path), ignore_errors=True)
+        task, sch = scheduled[i]
         if result.error_msg is not None or not result.run_secs:
-            say(f"{tasks[i].task_name}: untuned kernel failed to run, no floor for it: "
+            say(f"{task.task_name}: {what} failed to run, not recorded: "
                 f"{(result.error_msg or 'no timing').strip().splitlines()[-1][:200]}")
             continue
         database.commit_tuning_record(ms.database.TuningRecord(
-            Schedule(mods[i]).trace, database.commit_workload(mods[i]), result.run_secs, tvm_target, args[i]))
+            sch.trace, database.commit_workload(task.dispatched[0]), result.run_secs, tvm_target, args[i]))
 
 
 def _select(tasks: list, names: Sequence[str] | None) -> list:
@@ -740,7 +784,8 @@ def tune(
     interrupted = threading.Event()
     with _DirLock(log_dir), _stop_on_interrupt(interrupted, say):
         database = open_database(log_dir, repair=True, warn=say)
-        before = database_stats(database, selected)
+        cpu = _cpu_of(tvm_target)  # records of other CPUs neither count as trials nor set the floor here
+        before = database_stats(database, selected, cpu)
         hashes = [_shash(t.dispatched[0]) for t in selected]
         existing = [before[h][0] for h in hashes]
         budget_total = trials if trials is not None else 64 * len(selected)
@@ -751,19 +796,27 @@ def tune(
         to_tune = [i for i, left in enumerate(per_task_left) if left > 0]
         remaining = min(remaining, sum(per_task_left[i] for i in to_tune))
         runner_name = "local" if rpc_tracker is None else f"rpc:{rpc_tracker}"
-        say(f"{len(all_tasks)} tasks in {name}, {len(selected)} selected; {sum(existing)} trials already in "
-            f"{log_dir}; {remaining} to run")
+        say(f"{len(all_tasks)} tasks in {name}, {len(selected)} selected; {sum(existing)} trials on {cpu} already "
+            f"in {log_dir}; {remaining} to run")
 
         new = [0] * len(selected)
         tuning = remaining > 0 and bool(to_tune)
         no_floor = [task for task, h in zip(selected, hashes) if before[h][2] is None and (tuning or before[h][0])]
+        # a task about to be tuned on this CPU for the first time starts from the best schedule another CPU
+        # found for it, measured here first (a log moved to a new machine, or a board of another family)
+        elsewhere = fastest_elsewhere(database, [selected[i] for i in to_tune], cpu) if tuning else []
+        ported = [(selected[i], record) for i, record in zip(to_tune, elsewhere)
+                  if record is not None and existing[i] == 0]
         if tuning or no_floor:
             builder = make_builder(spec, builder_timeout_s,
                                     builder_workers or max(1, min(2, (os.cpu_count() or 1))))
             runner, runner_name = make_runner(spec, rpc_tracker=rpc_tracker, rpc_key=rpc_key, timeout_s=timeout_s,
                                                number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
-            measure_baselines(no_floor, builder, runner, database, tvm_target, say)
-            before = database_stats(database, selected)
+            measure_schedules(no_floor, builder, runner, database, tvm_target, say)
+            if ported:
+                measure_schedules([task for task, _ in ported], builder, runner, database, tvm_target, say,
+                                  records=[record for _, record in ported])
+            before = database_stats(database, selected, cpu)
         if tuning and not interrupted.is_set():
             chosen = [selected[i] for i in to_tune]
             say(f"preparing {len(chosen)} tuning contexts (imports MetaSchedule's tensor intrinsics once)")
@@ -790,7 +843,7 @@ def tune(
                 max(per_task_left[i] for i in to_tune), per_iter, builder, runner, callbacks, database, cost_model)
             for j, i in enumerate(to_tune):
                 new[i] = state["new"][j]
-        after = database_stats(database, selected)
+        after = database_stats(database, selected, cpu)
 
     result = TuneResult(log_dir=log_dir, target=spec.name, fingerprint=fingerprint, runner=runner_name)
     for i, task in enumerate(selected):
