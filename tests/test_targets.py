@@ -182,13 +182,27 @@ def test_cpu_build_is_an_elf_for_the_board(name, build_root):
     check_library(artifact, name)
 
 
-def test_avx2_build_runs_here_and_matches_onnxruntime(build_root):
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if host_arch() != "x86_64" or " avx2" not in flags or " fma" not in flags:
-        pytest.skip("this CPU has no AVX2/FMA")
+# CPU flags (/proc/cpuinfo) each x86 target's library executes; a CPU without them would die of SIGILL
+ISA_FLAGS = {
+    "x86-avx2": ("avx2", "fma"),
+    "x86-avx512": ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"),  # LLVM's skylake-avx512
+}
+
+
+@pytest.mark.parametrize("name", sorted(ISA_FLAGS))
+def test_x86_build_runs_here_and_matches_onnxruntime(name, build_root):
+    """Each x86 target runs natively wherever this CPU has its instruction set (x86-avx512: a Zen 4/5 or
+    a Xeon since Skylake-SP), and matches onnxruntime."""
+    flags = set()
+    if Path("/proc/cpuinfo").exists():
+        flags = {flag for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+                 for flag in line.split(":", 1)[1].split()}
+    missing = [flag for flag in ISA_FLAGS[name] if flag not in flags]
+    if host_arch() != "x86_64" or missing:
+        pytest.skip(f"this CPU lacks {', '.join(missing) or 'x86-64'}")
     import onnxruntime as ort
 
-    artifact, _ = build("x86-avx2", build_root, CPU_MODEL)
+    artifact, _ = build(name, build_root, CPU_MODEL)
     model = tvmnet.load(artifact)
     x = np.random.default_rng(0).standard_normal(model.inputs[0].shape).astype(np.float32)
     got = model.run(x)
