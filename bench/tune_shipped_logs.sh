@@ -8,6 +8,15 @@
 #   MobileNetV3-Small-1.0-224    900 trials, 16 per task per round   (25 min)
 #   MobileNetV2-0.5-160          600 trials, 16 per task per round   (16 min)
 # A budget below 16 x the number of tasks (V3-Small has 52) leaves some tasks on their untuned kernel.
+# Budgets count the trials of the CPU you run it on (records keep their mcpu; see README, "One log serves
+# several CPUs"). On 2026-12-01 the same logs got records of a second CPU, an AMD EPYC Zen 5 (znver5, 2
+# cores, AVX-512), in time-boxed runs rather than with these budgets: each first measured the znver3 best
+# schedule of every task on znver5, then searched at 16 candidates per task per round (`timeout -s TERM`
+# stops a tune after its batch, keeping every record):
+#   MobileNetV2-1.0-224        2,082 trials (43 min) after the 34 ported schedules
+#   MobileNetV3-Large-1.0-224  1,168 trials (24 min) after the 55 ported schedules
+#   MobileNetV1-1.0-224          930 trials (21 min) after the 23 ported schedules
+# V3-Small and V2-0.5-160 have no znver5 records: compile applies their znver3 records there, with a warning.
 # Resumable: every measured record is kept, so stop it at any time and run it again; a larger budget
 # (first argument: a factor, default 1) adds trials where the time is (tvmnet's scheduler picks by
 # weight x latency, tasks with no trial first).
