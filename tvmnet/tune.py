@@ -263,6 +263,26 @@ def compile_database(log_dir: str | os.PathLike, *, warn: Progress | None = None
     return database
 
 
+def _as_stored(tasks: Sequence, database) -> list:
+    """``tasks`` with each module replaced by the database's copy of its workload, where it has one.
+
+    Workloads match by structure, which ignores block names, but a record's trace names the blocks it
+    schedules and is replayed on the stored module when the log is loaded. Block names follow Relax
+    variable numbering, which changes with the pipeline (V2's global mean was ``lv235_red`` when its log
+    began and ``lv200_red`` later): a search on the freshly extracted module wrote 16 records the log
+    could not load again. Searching the stored module keeps every new trace loadable.
+    """
+    ms = _ms()
+    stored = []
+    for task in tasks:
+        mod = task.dispatched[0]
+        if database.has_workload(mod):
+            mod = database.commit_workload(mod).mod
+            task = ms.ExtractedTask(task.task_name, mod, task.target, [mod], task.weight)
+        stored.append(task)
+    return stored
+
+
 def _cpu_of(target) -> str:
     """The CPU a target (or a record's target) is for: its ``mcpu``, else its kind (e.g. cuda's arch)."""
     attrs = target.attrs
@@ -784,6 +804,7 @@ def tune(
     interrupted = threading.Event()
     with _DirLock(log_dir), _stop_on_interrupt(interrupted, say):
         database = open_database(log_dir, repair=True, warn=say)
+        selected = _as_stored(selected, database)
         cpu = _cpu_of(tvm_target)  # records of other CPUs neither count as trials nor set the floor here
         before = database_stats(database, selected, cpu)
         hashes = [_shash(t.dispatched[0]) for t in selected]
