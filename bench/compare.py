@@ -349,7 +349,7 @@ def snapshot_log(log_dir: Path, work: Path) -> tuple[Path, str, dict[str, int]]:
         try:  # [workload index, [trace [insts, decisions], run_secs, target, args]]
             index, (trace, _secs, target, *_rest) = json.loads(line)
             empty = len(trace[0]) == 0
-            cpu = str(target.get("mcpu") or target.get("arch") or target.get("kind"))
+            cpu = tune.cpu_of(target)
         except (ValueError, TypeError, IndexError, AttributeError):
             counts["unreadable_lines"] += 1
             continue

@@ -350,7 +350,7 @@ def test_log_from_another_cpu_seeds_a_tune_here(tuned, tmp_path):
     import shutil
 
     from tvmnet.targets import get_target
-    from tvmnet.tune import RECORD_FILE, _cpu_of, _shash, compile_database, is_baseline
+    from tvmnet.tune import RECORD_FILE, _shash, compile_database, cpu_of, is_baseline
 
     here = str(get_target("x86").tvm_target().attrs["mcpu"])
     other = "skylake-avx512" if here != "skylake-avx512" else "znver3"
@@ -373,14 +373,14 @@ def test_log_from_another_cpu_seeds_a_tune_here(tuned, tmp_path):
     assert task.new_trials == 1 and task.trials == 2, (task, lines)  # the other CPU's best, measured here, and 1 new
     assert task.untuned_us is not None and task.best_us <= task.untuned_us
 
-    mine = [r for r in _database_records(log) if _cpu_of(r.target) == here]
+    mine = [r for r in _database_records(log) if cpu_of(r.target) == here]
     assert sum(1 for r in mine if is_baseline(r)) == 1
     ported = [r for r in mine if not is_baseline(r) and str(r.trace) == str(theirs[_shash(r.workload.mod)].trace)]
     assert len(ported) == 1, "the other CPU's best schedule, measured on this one"
 
     warned: list[str] = []
     applied = compile_database(log, warn=warned.append, target=get_target("x86").tvm_target())
-    cpus = {_cpu_of(r.target) for r in applied.get_all_tuning_records()}
+    cpus = {cpu_of(r.target) for r in applied.get_all_tuning_records()}
     assert cpus == {here, other}, "the tuned task's record from here, the other task's from the other CPU"
     assert len(warned) == 1 and f"1 of 2 workloads were tuned on {other} and this build is for {here}" in warned[0]
 

@@ -38,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from .errors import TvmnetError
 
@@ -239,19 +239,19 @@ def compile_database(log_dir: str | os.PathLike, *, warn: Progress | None = None
     then says how many did: they apply and compute the same results, but were fastest elsewhere.
     """
     ms = _ms()
-    here = _cpu_of(target) if target is not None else None
+    here = cpu_of(target) if target is not None else None
     best: dict[int, tuple[tuple[bool, float], object]] = {}
     for record in open_database(log_dir, warn=warn).get_all_tuning_records():
         secs = _record_seconds(record)
         if secs is None:
             continue
-        rank = (here is not None and _cpu_of(record.target) != here, secs)  # this CPU's records first
+        rank = (here is not None and cpu_of(record.target) != here, secs)  # this CPU's records first
         key = _shash(record.workload.mod)
         if key not in best or rank < best[key][0]:
             best[key] = (rank, record)
     borrowed = [record for (elsewhere, _secs), record in best.values() if elsewhere]
     if borrowed and warn is not None:
-        cpus = ", ".join(sorted({_cpu_of(record.target) for record in borrowed}))
+        cpus = ", ".join(sorted({cpu_of(record.target) for record in borrowed}))
         warn(f"warning: {log_dir}: {len(borrowed)} of {len(best)} workloads were tuned on {cpus} and this build is "
              f"for {here}: their schedules apply and compute the same results but may be slower here; "
              "run `tvmnet tune` on this CPU for schedules made for it")
@@ -283,13 +283,17 @@ def _as_stored(tasks: Sequence, database) -> list:
     return stored
 
 
-def _cpu_of(target) -> str:
-    """The CPU a target (or a record's target) is for: its ``mcpu``, else its kind (e.g. cuda's arch)."""
-    attrs = target.attrs
+def cpu_of(target) -> str:
+    """The CPU a target is for, which tuning records are kept apart by: its ``mcpu``, else its ``arch``
+    (cuda's sm_XX), else its kind. ``target`` is a ``tvm.target.Target`` or the JSON dict a record stores."""
+    if isinstance(target, Mapping):
+        attrs, kind = target, target.get("kind")
+    else:
+        attrs, kind = target.attrs, target.kind.name
     for key in ("mcpu", "arch"):
         if key in attrs and str(attrs[key]):
             return str(attrs[key])
-    return target.kind.name
+    return str(kind)
 
 
 def _warn(message: str) -> None:
@@ -508,7 +512,7 @@ def database_stats(database, tasks: Sequence, cpu: str | None = None
     stats: dict[int, list] = {h: [0, None, None] for h in wanted}
     for record in database.get_all_tuning_records():
         h = _shash(record.workload.mod)
-        if h not in stats or (cpu is not None and _cpu_of(record.target) != cpu):
+        if h not in stats or (cpu is not None and cpu_of(record.target) != cpu):
             continue
         secs = _record_seconds(record)
         if is_baseline(record):
@@ -532,7 +536,7 @@ def fastest_elsewhere(database, tasks: Sequence, cpu: str) -> list:
     for record in database.get_all_tuning_records():
         i = wanted.get(_shash(record.workload.mod))
         secs = _record_seconds(record)
-        if i is None or secs is None or is_baseline(record) or _cpu_of(record.target) == cpu:
+        if i is None or secs is None or is_baseline(record) or cpu_of(record.target) == cpu:
             continue
         if found[i] is None or secs < _record_seconds(found[i]):
             found[i] = record
@@ -805,7 +809,7 @@ def tune(
     with _DirLock(log_dir), _stop_on_interrupt(interrupted, say):
         database = open_database(log_dir, repair=True, warn=say)
         selected = _as_stored(selected, database)
-        cpu = _cpu_of(tvm_target)  # records of other CPUs neither count as trials nor set the floor here
+        cpu = cpu_of(tvm_target)  # records of other CPUs neither count as trials nor set the floor here
         before = database_stats(database, selected, cpu)
         hashes = [_shash(t.dispatched[0]) for t in selected]
         existing = [before[h][0] for h in hashes]
