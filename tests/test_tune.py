@@ -197,6 +197,33 @@ def test_ctrl_c_finishes_the_batch_and_stops(tmp_path):
     assert 4 <= len(trials) < 200 and len(trials) % 4 == 0, "every batch sent was measured and saved whole"
 
 
+DOUBLE_SIGNAL_SCRIPT = """
+import os, signal, sys, threading, time
+from tvmnet.tune import DUPLICATE_SIGNAL_S, _stop_on_interrupt
+interrupted = threading.Event()
+with _stop_on_interrupt(interrupted, print):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.01)  # the handler runs between the two deliveries, as it did under timeout
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.01)
+    print("still here", interrupted.is_set())
+    time.sleep(DUPLICATE_SIGNAL_S)
+    os.kill(os.getpid(), signal.SIGTERM)  # a real second interrupt
+    time.sleep(1)
+"""
+
+
+def test_one_signal_delivered_twice_is_one_interrupt():
+    """coreutils ``timeout`` sends its signal to the command and then to the command's process group:
+    the tune saw it twice and took it for a second Ctrl-C, quitting without saving the batch. A repeat
+    within DUPLICATE_SIGNAL_S is one interrupt; a later one still quits at once."""
+    proc = subprocess.run([sys.executable, "-c", DOUBLE_SIGNAL_SCRIPT], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout.count("interrupted: finishing the batch") == 1, proc.stdout + proc.stderr
+    assert "still here True" in proc.stdout, proc.stdout + proc.stderr
+    assert "interrupted again: exiting now" in proc.stdout and proc.returncode == 128 + signal.SIGTERM
+
+
 @pytest.mark.timeout(420)
 def test_rpc_tune_measures_through_server(tmp_path):
     from tvmnet import rpc

@@ -51,6 +51,7 @@ WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 MODULE_EQUALITY = "structural"  # what build._load_database's JSONDatabase uses too
 FAILED_SECONDS = 1e9  # MetaSchedule records failed runs with run_secs of 1e10
+DUPLICATE_SIGNAL_S = 0.25  # a signal repeated sooner is one signal delivered twice (see _stop_on_interrupt)
 
 
 @dataclass
@@ -727,15 +728,22 @@ def _make_scheduler(state, say, names):
 def _stop_on_interrupt(interrupted: threading.Event, say: Progress):
     """Ctrl-C / SIGTERM while tuning: finish the batch being measured, then stop (a KeyboardInterrupt
     raised inside MetaSchedule's C++ loop left the tuner hung on a lock). A second signal exits at once;
-    records of earlier batches are on disk either way. Only the main thread can take signals."""
+    records of earlier batches are on disk either way. Only the main thread can take signals.
+
+    One signal can arrive twice at once: coreutils ``timeout`` sends it to the command and then to its
+    process group. A repeat within ``DUPLICATE_SIGNAL_S`` is that, not a second Ctrl-C."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    first: list[float] = []
 
     def handle(signum: int, _frame) -> None:
-        if interrupted.is_set():
+        if first and time.monotonic() - first[0] < DUPLICATE_SIGNAL_S:
+            return
+        if first:
             say("interrupted again: exiting now; the batch being measured is lost, earlier ones are on disk")
             os._exit(128 + signum)
+        first.append(time.monotonic())
         interrupted.set()
         say("interrupted: finishing the batch being measured, then stopping (Ctrl-C again to quit at once)")
 
