@@ -16,6 +16,11 @@
 #   MobileNetV2-1.0-224        2,082 trials (43 min) after the 34 ported schedules
 #   MobileNetV3-Large-1.0-224  1,168 trials (24 min) after the 55 ported schedules
 #   MobileNetV1-1.0-224          930 trials (21 min) after the 23 ported schedules
+# and then a second round on the kernels bench/breakdown.py showed losing to onnxruntime by more than 5 µs
+# (`--tasks` for each), then on the classifier's matmul alone (`--tasks matmul`):
+#   MobileNetV2-1.0-224        1,184 trials on 7 tasks (25 min), 240 on the matmul (5 min)
+#   MobileNetV1-1.0-224        1,120 trials on 10 tasks (25 min), 176 on the matmul (4 min)
+#   MobileNetV3-Large-1.0-224    800 trials on 10 tasks (20 min), 192 on its 2 matmuls (4 min)
 # V3-Small and V2-0.5-160 have no znver5 records: compile applies their znver3 records there, with a warning.
 # Resumable: every measured record is kept, so stop it at any time and run it again; a larger budget
 # (first argument: a factor, default 1) adds trials where the time is (tvmnet's scheduler picks by
