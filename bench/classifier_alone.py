@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """MobileNetV2's classifier alone: tvmnet (compiled with the shipped V2 log) against onnxruntime, with warm
 caches and with a 64 MB write between calls (inside the model its 5 MB of weights are cold). Each runtime in
-its own process, three alternations; median of 180 calls each (bench/README.md, item 11).
+its own process (onnxruntime as compare.py runs it, on every physical core), three alternations; median of
+180 calls each (bench/README.md, item 11).
 
     python bench/classifier_alone.py
 """
@@ -18,6 +19,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compare import ort_session, physical_cores  # noqa: E402 - the bench scripts share compare.py's helpers
+
 V2_LOG = REPO / "tuning_logs" / "x86" / "5d6c81a15e4595c0"
 CALLS, SKIPPED = 200, 20
 
@@ -46,11 +51,7 @@ def build(work: Path) -> None:
 def time_one(runtime: str, work: Path) -> str:
     x = np.random.default_rng(0).random((1, 1280), dtype=np.float32)
     if runtime == "onnxruntime":
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 2
-        session = ort.InferenceSession(str(work / "classifier.onnx"), options, providers=["CPUExecutionProvider"])
+        session = ort_session(str(work / "classifier.onnx"), physical_cores())
         call = lambda: session.run(None, {"x": x})  # noqa: E731
     else:
         import tvmnet

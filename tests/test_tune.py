@@ -326,21 +326,16 @@ def test_prepacked_weights_fold_into_constants(tuned):
     result, _root, _lines, _seconds = tuned
     import tvm
     from tvm import relax
-    from tvm.s_tir import meta_schedule as ms
 
     from tvmnet import pipeline
     from tvmnet.frontend import load_onnx
     from tvmnet.targets import get_target
-    from tvmnet.tune import MODULE_EQUALITY
+    from tvmnet.tune import memory_database
 
     tvm_target = get_target("x86").tvm_target()
     fused = pipeline.fuse(load_onnx(_model()).to_relax(), tvm_target)
     # searched schedules only: after 4 trials the untuned floor may be fastest, and it has no layout to fold
-    searched = ms.database.MemoryDatabase(module_equality=MODULE_EQUALITY)
-    for record in _trials(_database_records(result.log_dir)):
-        searched.commit_tuning_record(ms.database.TuningRecord(
-            record.trace, searched.commit_workload(record.workload.mod), record.run_secs, record.target,
-            record.args_info))
+    searched = memory_database(_trials(_database_records(result.log_dir)))
     scheduled, report = pipeline.schedule(fused, tvm_target, searched)
     kernels = [gv.name_hint for gv, f in scheduled.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     prepacked = {pipeline.fused_name(k) for k in kernels if k != pipeline.fused_name(k)}

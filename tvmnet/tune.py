@@ -38,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from .errors import TvmnetError
 
@@ -256,8 +256,14 @@ def compile_database(log_dir: str | os.PathLike, *, warn: Progress | None = None
         warn(f"warning: {log_dir}: {len(borrowed)} of {len(best)} workloads were tuned on {cpus} and this build is "
              f"for {here}: their schedules apply and compute the same results but may be slower here; "
              "run `tvmnet tune` on this CPU for schedules made for it")
+    return memory_database(record for _rank, record in best.values())
+
+
+def memory_database(records: Iterable):
+    """A MemoryDatabase holding ``records``; a query answers with the fastest one of the workload."""
+    ms = _ms()
     database = ms.database.MemoryDatabase(module_equality=MODULE_EQUALITY)
-    for _rank, record in best.values():
+    for record in records:
         workload = database.commit_workload(record.workload.mod)
         database.commit_tuning_record(ms.database.TuningRecord(
             record.trace, workload, record.run_secs, record.target, record.args_info))
