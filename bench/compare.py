@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tvmnet.runtime import physical_cores
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = (
     "mobilenet_v1:1.0:224",
@@ -526,27 +528,6 @@ def llvm_cpu() -> str:
     import tvm
 
     return str(tvm.target.codegen.llvm_get_system_cpu())
-
-
-def physical_cores() -> int:
-    with contextlib.suppress(Exception):
-        import psutil
-
-        count = psutil.cpu_count(logical=False)
-        if count:
-            return count
-    with contextlib.suppress(OSError):
-        cores, current = set(), {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines() + [""]:
-            if ":" in line:
-                key, value = (s.strip() for s in line.split(":", 1))
-                current[key] = value
-            elif current:
-                cores.add((current.get("physical id"), current.get("core id")))
-                current = {}
-        if cores and (None, None) not in cores:
-            return len(cores)
-    return os.cpu_count() or 1
 
 
 def settle_load(seconds: float) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import TvmnetError
+from .runtime import THREADS_ENV, physical_cores
 
 LOCALHOST = "127.0.0.1"
 PORT_RANGE = range(9200, 10000)
@@ -85,13 +86,18 @@ def _stop_group(proc: subprocess.Popen, timeout: float) -> None:
     proc.wait()
 
 
-def _spawn(args: list[str], log: Path | None) -> subprocess.Popen:
-    """The TVM process in a new session: its own process group, so stopping it stops its workers too."""
+def _spawn(args: list[str], log: Path | None, threads: int | None = None) -> subprocess.Popen:
+    """The TVM process in a new session: its own process group, so stopping it stops its workers too.
+
+    ``threads``: TVM's thread count in it, unless ``TVM_NUM_THREADS`` is set here (see
+    ``runtime.use_physical_cores``): a board server measures tuning candidates with it."""
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads is not None:
+        env.setdefault(THREADS_ENV, str(threads))
     try:
         return subprocess.Popen([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                start_new_session=True)
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     finally:
         if log:
             out.close()
@@ -139,7 +145,7 @@ def start_server(tracker: str, key: str, *, host: str = LOCALHOST, port: int | N
     port = port or free_port(host)
     log_path = Path(log) if log else None
     proc = _spawn(["tvm.exec.rpc_server", "--tracker", tracker, "--key", key, "--host", host,
-                   "--port", str(port), "--port-end", str(port + 1)], log_path)
+                   "--port", str(port), "--port-end", str(port + 1)], log_path, threads=physical_cores())
     _wait(lambda: key in query_tracker(tracker_host, int(tracker_port)), proc,
           f"RPC server '{key}' at tracker {tracker}", timeout, log_path)
     return Process(proc, host, port, log_path)

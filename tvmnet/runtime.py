@@ -6,6 +6,7 @@ where only TVM's runtime is installed. Every input is checked against the manife
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -27,6 +28,38 @@ from .manifest import (
     sha256_file,
     tensor_specs,
 )
+
+
+THREADS_ENV = "TVM_NUM_THREADS"
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (SMT siblings count once): the thread count TVM should use.
+
+    Reads the kernel's CPU topology for the CPUs in this process's affinity mask, so ``taskset`` and
+    container CPU sets count; without Linux's sysfs, the logical CPU count.
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def use_physical_cores() -> int:
+    """Give TVM's thread pool one thread per physical core, unless ``TVM_NUM_THREADS`` is set; returns the
+    thread count.
+
+    TVM's default on x86 is half the logical CPUs, because it assumes two-way SMT. On a CPU or VM without
+    SMT that is half the cores: on this project's 2-core machine every inference and every tuning
+    measurement ran on one thread. TVM reads the variable when a thread first runs parallel code, so
+    this must run before that (``load`` and the tuning workers call it first).
+    """
+    os.environ.setdefault(THREADS_ENV, str(physical_cores()))
+    return int(os.environ[THREADS_ENV])
 
 
 @dataclass(frozen=True)
@@ -268,6 +301,7 @@ def load(path: str | Path, *, device: str | None = None, trust: bool = False, re
 
         return load_remote(path, remote, device=device, trust=trust)
 
+    use_physical_cores()
     import tvm
     from tvm.runtime.vm import VirtualMachine
 

@@ -161,16 +161,6 @@ def _nvcc_release(nvcc: str) -> tuple[int, int] | None:
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
-def _physical_cores() -> int:
-    try:
-        import psutil
-
-        cores = psutil.cpu_count(logical=False)
-    except ImportError:  # pragma: no cover - psutil is a dependency, but keep the fallback honest
-        cores = None
-    return int(cores or os.cpu_count() or 1)
-
-
 def _resolve_auto(table: dict[str, Any]) -> dict[str, Any]:
     """Replace the host-dependent placeholders ``mcpu = "native"`` and ``num-cores = "auto"``."""
     resolved = dict(table)
@@ -179,7 +169,9 @@ def _resolve_auto(table: dict[str, Any]) -> dict[str, Any]:
 
         resolved["mcpu"] = str(tvm.target.codegen.llvm_get_system_cpu())
     if resolved.get("num-cores") == "auto":
-        resolved["num-cores"] = _physical_cores()
+        from .runtime import physical_cores
+
+        resolved["num-cores"] = physical_cores()
     return resolved
 
 

@@ -410,7 +410,13 @@ def _worker_init() -> None:
     restarts its worker pool on every batch): :func:`_build` below does not need it, because tensorized
     blocks are already rewritten to the intrinsic's implementation when the schedule is applied in the
     tuning process.
+
+    It does set the thread count: a runner worker measures with as many threads as ``load`` runs the
+    model with (one per physical core), or the search optimises for a thread count no user runs.
     """
+    from .runtime import use_physical_cores
+
+    use_physical_cores()
     import tvm  # noqa: F401
     from tvm.s_tir.meta_schedule.builder import local_builder  # noqa: F401
 
