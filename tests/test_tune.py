@@ -407,6 +407,32 @@ def test_log_from_another_cpu_seeds_a_tune_here(tuned, tmp_path):
     assert len(warned) == 1 and f"1 of 2 workloads were tuned on {other} and this build is for {here}" in warned[0]
 
 
+def test_remeasure_times_each_tasks_fastest_records_again(tuned, tmp_path):
+    """``remeasure=2, trials=0``: the 2 fastest schedules of each task are measured again and stored beside
+    the old records (a log measured under other conditions, like single-threaded tuning), nothing is searched."""
+    import shutil
+    from collections import Counter
+
+    from tvmnet.tune import _shash
+
+    log = tmp_path / "log"
+    shutil.copytree(tuned[0].log_dir, log, ignore=shutil.ignore_patterns("logs", ".tune.lock"))
+    before = _trials(_database_records(log))
+    fastest: dict[int, list] = {}
+    for record in sorted(before, key=lambda r: float(r.run_secs[0])):
+        fastest.setdefault(_shash(record.workload.mod), []).append(str(record.trace))
+
+    lines: list[str] = []
+    again = tvmnet_tune(_model(), trials=0, tasks=TASKS, log_dir=log, remeasure=2, progress=lines.append, **SMALL)
+    assert any("measuring the #2 fastest record of 2 task(s) on this CPU" in line for line in lines), lines
+    assert not any("tuning 2 tasks" in line for line in lines), lines
+    assert [t.trials for t in again.tasks] == [t.trials + 2 for t in tuned[0].tasks]
+    after = _trials(_database_records(log))
+    added = Counter((_shash(r.workload.mod), str(r.trace)) for r in after)
+    added.subtract(Counter((_shash(r.workload.mod), str(r.trace)) for r in before))
+    assert +added == Counter((key, trace) for key, traces in fastest.items() for trace in traces[:2])
+
+
 @pytest.mark.timeout(300)
 def test_tuning_searches_the_stored_workload_so_new_records_load(tmp_path):
     """A log whose workload was stored under other block names (Relax numbering changed with the pipeline):

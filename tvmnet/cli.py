@@ -99,6 +99,10 @@ def compile_cmd(model: str | None, target: str, output: Path, input_shapes: tupl
 @click.option("--trials-per-iter", type=int, default=64, show_default=True,
               help="Candidates measured per task per round (a small budget over many tasks wants fewer).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--remeasure", type=int, default=0, metavar="N",
+              help="First measure each task's N fastest records of this CPU again, for a log measured with "
+                   "other settings (tvmnet before 2026-12-02 tuned a CPU without SMT on one thread); "
+                   "--trials 0 stops after that.")
 @click.option("--alpha", type=float, default=1.0, show_default=True, help="Width multiplier for zoo models.")
 @click.option("--resolution", type=int, default=224, show_default=True, help="Input resolution for zoo models.")
 @_input_shape
@@ -107,7 +111,8 @@ def compile_cmd(model: str | None, target: str, output: Path, input_shapes: tupl
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def tune_cmd(model: str | None, target: str, trials: int | None, trials_per_task: int | None,
              task_names: tuple[str, ...], log_dir: Path | None, timeout_s: float, number: int, repeat: int,
-             min_repeat_ms: int, early_stopping: int | None, trials_per_iter: int, seed: int, alpha: float,
+             min_repeat_ms: int, early_stopping: int | None, trials_per_iter: int, seed: int, remeasure: int,
+             alpha: float,
              resolution: int, input_shapes: tuple[str, ...], rpc_tracker: str | None, rpc_key: str | None, as_json: bool) -> None:
     """Tune MODEL's kernels for TARGET with MetaSchedule; Ctrl-C keeps every measured record, rerun resumes."""
     from .frontend import parse_input_shapes
@@ -116,7 +121,7 @@ def tune_cmd(model: str | None, target: str, trials: int | None, trials_per_task
     result = tune(model, target=target, trials=trials, trials_per_task=trials_per_task,
                   tasks=list(task_names) or None, log_dir=log_dir, timeout_s=timeout_s, number=number,
                   repeat=repeat, min_repeat_ms=min_repeat_ms, early_stopping=early_stopping,
-                  num_trials_per_iter=trials_per_iter, seed=seed,
+                  num_trials_per_iter=trials_per_iter, seed=seed, remeasure=remeasure,
                   alpha=alpha, resolution=resolution, input_shapes=parse_input_shapes(input_shapes),
                   rpc_tracker=rpc_tracker, rpc_key=rpc_key, progress=lambda msg: _stderr(f"[tvmnet] {msg}"))
     if as_json:

@@ -556,8 +556,24 @@ def fastest_elsewhere(database, tasks: Sequence, cpu: str) -> list:
     return found
 
 
+def fastest_here(database, tasks: Sequence, cpu: str, top: int) -> list[list]:
+    """For each rank ``r < top``: ``(task, its r-th fastest tuned record measured on cpu)`` for every task
+    that has that many."""
+    wanted = {_shash(task.dispatched[0]): task for task in tasks}
+    ranked: dict[int, list] = {h: [] for h in wanted}
+    for record in database.get_all_tuning_records():
+        h = _shash(record.workload.mod)
+        secs = _record_seconds(record)
+        if h in ranked and secs is not None and not is_baseline(record) and cpu_of(record.target) == cpu:
+            ranked[h].append((secs, record))
+    for records in ranked.values():
+        records.sort(key=lambda pair: pair[0])
+    return [[(wanted[h], records[rank][1]) for h, records in ranked.items() if len(records) > rank]
+            for rank in range(top)]
+
+
 def measure_schedules(tasks: Sequence, builder, runner, database, tvm_target, say: Progress,
-                      records: Sequence | None = None) -> None:
+                      records: Sequence | None = None, what: str = "schedule from another CPU") -> None:
     """Measure each task's workload, unscheduled or with the schedule of its record in ``records``, with
     the tuning builder and runner, and store it as a record measured on ``tvm_target``.
 
@@ -565,7 +581,7 @@ def measure_schedules(tasks: Sequence, builder, runner, database, tvm_target, sa
     beat: the database applies a workload's fastest record, so a partial or short tune cannot make a
     model slower than no log at all (few random candidates of a small elementwise kernel often lose to
     LLVM's own loop). With another CPU's records it measures that CPU's best schedules here, so that a
-    tune on a new CPU starts from them with times that compare.
+    tune on a new CPU starts from them with times that compare; ``what`` names such records in messages.
     """
     if not tasks:
         return
@@ -574,9 +590,9 @@ def measure_schedules(tasks: Sequence, builder, runner, database, tvm_target, sa
     from tvm.s_tir import Schedule
 
     ms = _ms()
-    what = "untuned kernel" if records is None else "schedule from another CPU"
+    what = "untuned kernel" if records is None else what
     say(f"measuring the {what} of {len(tasks)} task(s)"
-        + (": the floor a tuned record must beat" if records is None else " on this one"))
+        + (": the floor a tuned record must beat" if records is None else " on this CPU"))
     scheduled = []  # (task, schedule) for each schedule that applies
     for i, task in enumerate(tasks):
         if records is None:
@@ -795,6 +811,7 @@ def tune(
     population_size: int = 512,
     builder_workers: int | None = None,
     builder_timeout_s: float = 120.0,
+    remeasure: int = 0,
 ) -> TuneResult:
     """Tune ``model`` (path, zoo name, ModelProto, None for MobileNetV2) for ``target`` with MetaSchedule.
 
@@ -802,6 +819,12 @@ def tune(
     (default: 64 per task); ``trials_per_task`` caps each task. ``tasks`` selects tasks by exact name or
     substring. ``timeout_s`` bounds one measurement, ``builder_timeout_s`` one candidate build.
     ``early_stopping=N`` stops a task after N trials without improvement.
+
+    ``remeasure=K`` first measures again each selected task's K fastest records of this CPU, with this
+    run's builder and runner, and stores the new times beside the old. For a log measured under other
+    conditions: MetaSchedule's search never measures a schedule that is already in the database again.
+    (Until tvmnet 2026-12-02 a CPU without SMT was tuned on one thread, so a log's fastest records were
+    the best single-thread schedules, often ones that do not parallelise.) ``trials=0`` stops after that.
     """
     from . import pipeline
     from .build import resolve_model
@@ -852,7 +875,7 @@ def tune(
         elsewhere = fastest_elsewhere(database, [selected[i] for i in to_tune], cpu) if tuning else []
         ported = [(selected[i], record) for i, record in zip(to_tune, elsewhere)
                   if record is not None and existing[i] == 0]
-        if tuning or no_floor:
+        if tuning or no_floor or remeasure:
             builder = make_builder(spec, builder_timeout_s,
                                     builder_workers or max(1, min(2, (os.cpu_count() or 1))))
             runner, runner_name = make_runner(spec, rpc_tracker=rpc_tracker, rpc_key=rpc_key, timeout_s=timeout_s,
@@ -861,6 +884,11 @@ def tune(
             if ported:
                 measure_schedules([task for task, _ in ported], builder, runner, database, tvm_target, say,
                                   records=[record for _, record in ported])
+            for rank, chosen in enumerate(fastest_here(database, selected, cpu, remeasure)):
+                if interrupted.is_set():
+                    break
+                measure_schedules([task for task, _ in chosen], builder, runner, database, tvm_target, say,
+                                  records=[record for _, record in chosen], what=f"#{rank + 1} fastest record")
             before = database_stats(database, selected, cpu)
         if tuning and not interrupted.is_set():
             chosen = [selected[i] for i in to_tune]
