@@ -22,6 +22,13 @@
 #   MobileNetV1-1.0-224        1,120 trials on 10 tasks (25 min), 176 on the matmul (4 min)
 #   MobileNetV3-Large-1.0-224    800 trials on 10 tasks (20 min), 192 on its 2 matmuls (4 min)
 # V3-Small and V2-0.5-160 have no znver5 records: compile applies their znver3 records there, with a warning.
+# Every trial above was measured on ONE thread: TVM's x86 default is half the logical CPUs, and neither machine
+# has SMT. Since 2026-12-02 tune measures with one thread per physical core, as a loaded model runs; each znver5
+# log then got `tvmnet tune MODEL --remeasure 8 --trials 0` (each task's 8 fastest schedules timed again on
+# 2 threads, about 2 min per model) and a time-boxed search:
+#   MobileNetV2-1.0-224          960 trials (25 min)
+#   MobileNetV1-1.0-224          656 trials (16 min)
+#   MobileNetV3-Large-1.0-224    640 trials (15 min)
 # Resumable: every measured record is kept, so stop it at any time and run it again; a larger budget
 # (first argument: a factor, default 1) adds trials where the time is (tvmnet's scheduler picks by
 # weight x latency, tasks with no trial first).
