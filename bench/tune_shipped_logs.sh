@@ -27,8 +27,8 @@
 # log then got `tvmnet tune MODEL --remeasure 8 --trials 0` (each task's 8 fastest schedules timed again on
 # 2 threads, about 2 min per model) and a time-boxed search:
 #   MobileNetV2-1.0-224          960 trials (25 min)
-#   MobileNetV1-1.0-224          656 trials (16 min)
-#   MobileNetV3-Large-1.0-224    640 trials (15 min)
+#   MobileNetV1-1.0-224          656 trials (16 min), then 528 more (14 min)
+#   MobileNetV3-Large-1.0-224    640 trials (15 min), then 496 more (14 min)
 # Resumable: every measured record is kept, so stop it at any time and run it again; a larger budget
 # (first argument: a factor, default 1) adds trials where the time is (tvmnet's scheduler picks by
 # weight x latency, tasks with no trial first).
