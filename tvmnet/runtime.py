@@ -49,9 +49,8 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def use_physical_cores() -> int:
-    """Give TVM's thread pool one thread per physical core, unless ``TVM_NUM_THREADS`` is set; returns the
-    thread count.
+def use_physical_cores() -> None:
+    """Give TVM's thread pool one thread per physical core, unless ``TVM_NUM_THREADS`` is set.
 
     TVM's default on x86 is half the logical CPUs, because it assumes two-way SMT. On a CPU or VM without
     SMT that is half the cores: on this project's 2-core machine every inference and every tuning
@@ -59,7 +58,6 @@ def use_physical_cores() -> int:
     this must run before that (``load`` and the tuning workers call it first).
     """
     os.environ.setdefault(THREADS_ENV, str(physical_cores()))
-    return int(os.environ[THREADS_ENV])
 
 
 @dataclass(frozen=True)

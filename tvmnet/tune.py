@@ -542,34 +542,29 @@ def task_stats(database, task, cpu: str | None = None) -> tuple[int, float | Non
     return database_stats(database, [task], cpu)[_shash(task.dispatched[0])]
 
 
+def _tuned_by_speed(database, tasks: Sequence, measured_on: Callable[[str], bool]) -> list[list]:
+    """For each task, its tuned records (not the untuned floor, not failed) whose CPU passes
+    ``measured_on``, fastest first."""
+    ranked: dict[int, list] = {_shash(task.dispatched[0]): [] for task in tasks}
+    for record in database.get_all_tuning_records():
+        records = ranked.get(_shash(record.workload.mod))
+        secs = _record_seconds(record)
+        if records is not None and secs is not None and not is_baseline(record) and measured_on(cpu_of(record.target)):
+            records.append((secs, record))
+    return [[record for _secs, record in sorted(ranked[_shash(task.dispatched[0])], key=lambda pair: pair[0])]
+            for task in tasks]
+
+
 def fastest_elsewhere(database, tasks: Sequence, cpu: str) -> list:
     """For each task, the fastest tuned record measured on another CPU than ``cpu``, or None."""
-    wanted = {_shash(task.dispatched[0]): i for i, task in enumerate(tasks)}
-    found: list = [None] * len(tasks)
-    for record in database.get_all_tuning_records():
-        i = wanted.get(_shash(record.workload.mod))
-        secs = _record_seconds(record)
-        if i is None or secs is None or is_baseline(record) or cpu_of(record.target) == cpu:
-            continue
-        if found[i] is None or secs < _record_seconds(found[i]):
-            found[i] = record
-    return found
+    return [records[0] if records else None for records in _tuned_by_speed(database, tasks, lambda c: c != cpu)]
 
 
 def fastest_here(database, tasks: Sequence, cpu: str, top: int) -> list[list]:
     """For each rank ``r < top``: ``(task, its r-th fastest tuned record measured on cpu)`` for every task
     that has that many."""
-    wanted = {_shash(task.dispatched[0]): task for task in tasks}
-    ranked: dict[int, list] = {h: [] for h in wanted}
-    for record in database.get_all_tuning_records():
-        h = _shash(record.workload.mod)
-        secs = _record_seconds(record)
-        if h in ranked and secs is not None and not is_baseline(record) and cpu_of(record.target) == cpu:
-            ranked[h].append((secs, record))
-    for records in ranked.values():
-        records.sort(key=lambda pair: pair[0])
-    return [[(wanted[h], records[rank][1]) for h, records in ranked.items() if len(records) > rank]
-            for rank in range(top)]
+    ranked = list(zip(tasks, _tuned_by_speed(database, tasks, lambda c: c == cpu)))
+    return [[(task, records[rank]) for task, records in ranked if len(records) > rank] for rank in range(top)]
 
 
 def measure_schedules(tasks: Sequence, builder, runner, database, tvm_target, say: Progress,
