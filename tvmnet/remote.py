@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import ArtifactError, InputError, TvmnetError
 from .manifest import read_manifest
-from .runtime import CompiledModel, check_library
+from .runtime import CompiledModel, output_tensors, check_library
 
 SERVER_INFO_FUNCTION = "tvmnet.server_info"
 DEFAULT_TIMEOUT_S = 60.0
@@ -258,6 +258,12 @@ class RemoteModel(CompiledModel):
             return self._vm.get_outputs("main")
         except Exception as exc:
             raise TvmnetError(f"running on the board failed: {_last_line(exc)}") from None
+
+    def _host_outputs(self, result: Any) -> list[np.ndarray]:
+        try:  # a remote tensor has no local memory to view: TVM copies it over the wire
+            return [tensor.numpy() for tensor in output_tensors(result)]
+        except Exception as exc:
+            raise TvmnetError(f"fetching the output from the board failed: {_last_line(exc)}") from None
 
     def _time_main(self, arrays: list[np.ndarray], *, number: int, repeat: int, warmup: int) -> list[float]:
         args = self._remote_args(arrays)

@@ -130,6 +130,8 @@ class CompiledModel:
         self._device = device
         self._lock = threading.Lock()
         self._input_tensors: list[Any] | None = None
+        self._input_views: list[np.ndarray] = []
+        self._main: Any = None
 
     def __repr__(self) -> str:
         ins = ", ".join(spec.describe() for spec in self.inputs)
@@ -157,25 +159,37 @@ class CompiledModel:
         """The inputs copied into tensors this model keeps on its device (call with the lock held).
 
         A fresh tensor per call cost about 0.13 ms more per MobileNetV2 inference than a copy into one
-        kept tensor (2-core x86 VM): a new allocation and its first touch on every call.
+        kept tensor (2-core x86 VM): a new allocation and its first touch on every call. The copy goes
+        through a numpy view of each kept tensor (DLPack), which is one C call instead of TVM's Python
+        ``copyfrom``.
         """
         import tvm
 
         if self._input_tensors is None:
             self._input_tensors = [tvm.runtime.empty(spec.shape, spec.dtype, self._device) for spec in self.inputs]
-        for tensor, array in zip(self._input_tensors, arrays):
-            tensor.copyfrom(array)
+            self._input_views = [np.from_dlpack(tensor) for tensor in self._input_tensors]
+        for view, array in zip(self._input_views, arrays):
+            np.copyto(view, array)
         return self._input_tensors
 
     def _call(self, arrays: list[np.ndarray]) -> Any:
-        return self._vm["main"](*self._device_inputs(arrays))
+        if self._main is None:
+            self._main = self._vm["main"]
+        return self._main(*self._device_inputs(arrays))
+
+    def _host_outputs(self, result: Any) -> list[np.ndarray]:
+        """The VM's output tensor(s) as numpy arrays the caller owns (the VM reuses its memory next call).
+
+        Copied through a DLPack view: after an inference has streamed the weights through the caches,
+        TVM's Python ``Tensor.numpy()`` took about 0.15 ms per MobileNetV2 call here, this about 0.01 ms.
+        """
+        return [np.from_dlpack(tensor).copy() for tensor in output_tensors(result)]
 
     def run(self, data: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray | list[np.ndarray]:
         """Run one inference; one output comes back as an array, several as a list in manifest order."""
         arrays = self._check_inputs(data)
         with self._lock:  # the VM is not reentrant; see the class docstring
-            result = self._call(arrays)
-            outputs = [result.numpy()] if hasattr(result, "numpy") else [item.numpy() for item in result]
+            outputs = self._host_outputs(self._call(arrays))
         return outputs[0] if len(outputs) == 1 else outputs
 
     def benchmark(
@@ -247,6 +261,13 @@ class CompiledModel:
         return list(timer(*args).results)
 
 
+def output_tensors(result: Any) -> list[Any]:
+    """A VM result as a list of tensors: one tensor, or the tuple a model with several outputs returns."""
+    import tvm
+
+    return [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
+
+
 def random_input(spec: TensorSpec, seed: int = 0) -> np.ndarray:
     """A deterministic N(0, 1) input of the right shape and dtype (for bench and verify)."""
     return np.random.default_rng(seed).standard_normal(spec.shape).astype(spec.dtype)
@@ -268,7 +289,9 @@ def _check_array(spec: TensorSpec, array: Any) -> np.ndarray:
         raise InputError(
             f"input '{spec.name}' has shape {list(array.shape)}, expected {list(spec.shape)}{hint}"
         )
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
+    # min and max carry any NaN or Inf and, unlike isfinite(array).all(), allocate nothing: 20 us less per
+    # MobileNetV2 call after an inference has emptied the caches
+    if array.dtype.kind == "f" and not (np.isfinite(array.min()) and np.isfinite(array.max())):
         warnings.warn(f"input '{spec.name}' contains NaN or Inf; the outputs will not be meaningful", stacklevel=3)
     return np.ascontiguousarray(array)
 
