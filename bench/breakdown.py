@@ -13,7 +13,9 @@ the table says which kind of kernel the tuned build is short on.
     python bench/breakdown.py --model mobilenet_v3_large --artifact build/v3l
 
 Writes bench/results/breakdown-<date>-<cpu>-<model>.json/.md. Stop every other job first: these are
-timings, and both profilers add a little per call, so compare rows with rows, not with bench/compare.py.
+timings. Neither profiler is free, nor equally costly: the table's last two rows set each profile's sum
+beside the same runtime's plain median run. Read the rows for where each runtime spends its time, and the
+"end to end" row, or bench/compare.py, for which is faster.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -55,14 +58,29 @@ def conv_class(weight: tuple[int, ...]) -> str:
 # Worker processes: one profile each, JSON on stdout
 
 
-def _profile_ort(onnx_path: str, threads: int, runs: int, warmup: int) -> dict[str, float]:
-    """ONNX node -> median µs per run (nodes onnxruntime fused are reported under the fused node's name)."""
+def _median_call_us(call, runs: int, warmup: int) -> float:
+    for _ in range(warmup):
+        call()
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds) * 1e6
+
+
+def _profile_ort(onnx_path: str, threads: int, runs: int, warmup: int) -> dict[str, Any]:
+    """ONNX node -> median µs per run (nodes onnxruntime fused are reported under the fused node's name),
+    and the median run without the profiler."""
     import numpy as np
 
+    plain = ort_session(onnx_path, threads)
+    spec = plain.get_inputs()[0]
+    feed = {spec.name: np.random.default_rng(0).random(spec.shape, dtype=np.float32)}
+    end_to_end = _median_call_us(lambda: plain.run(None, feed), runs, warmup)
+    del plain
     with tempfile.TemporaryDirectory(prefix="tvmnet-breakdown-") as tmp:
         session = ort_session(onnx_path, threads, profile_prefix=str(Path(tmp) / "ort"))
-        spec = session.get_inputs()[0]
-        feed = {spec.name: np.random.default_rng(0).random(spec.shape, dtype=np.float32)}
         for _ in range(warmup + runs):
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
@@ -70,14 +88,21 @@ def _profile_ort(onnx_path: str, threads: int, runs: int, warmup: int) -> dict[s
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
             per_node[event["name"][: -len("_kernel_time")]].append(float(event["dur"]))
-    return {name: statistics.median(times[warmup:] or times) for name, times in per_node.items()}
+    return {"end_to_end_us": end_to_end,
+            "profile": {name: statistics.median(times[warmup:] or times) for name, times in per_node.items()}}
 
 
-def _profile_tvmnet(artifact: str, runs: int, warmup: int) -> dict[str, dict[str, float]]:
-    """Kernel -> {calls, us (all calls in one run)}."""
+def _profile_tvmnet(artifact: str, runs: int, warmup: int) -> dict[str, Any]:
+    """Kernel -> {calls, us (all calls in one run)}, and the median run without the profiler."""
+    import numpy as np
+
     import tvmnet
 
-    return {k.name: {"calls": k.calls, "us": k.us} for k in tvmnet.load(artifact).profile(runs=runs, warmup=warmup)}
+    model = tvmnet.load(artifact)
+    x = np.random.default_rng(0).random(model.inputs[0].shape, dtype=np.float32)
+    end_to_end = _median_call_us(lambda: model.run(x), runs, warmup)
+    return {"end_to_end_us": end_to_end,
+            "profile": {k.name: {"calls": k.calls, "us": k.us} for k in model.profile(runs=runs, warmup=warmup)}}
 
 
 def _run_worker(kind: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -147,9 +172,9 @@ def join(ort_rounds: list[dict[str, float]], tvm_rounds: list[dict[str, dict[str
     def median_over_rounds(rounds: list[dict[str, float]]) -> dict[str, float]:
         return {name: statistics.median(r.get(name, 0.0) for r in rounds) for name in rounds[0]}
 
-    ort = median_over_rounds(ort_rounds)
-    tvm = median_over_rounds([{name: k["us"] for name, k in r.items()} for r in tvm_rounds])
-    calls = {name: k["calls"] for name, k in tvm_rounds[0].items()}
+    ort = median_over_rounds([r["profile"] for r in ort_rounds])
+    tvm = median_over_rounds([{name: k["us"] for name, k in r["profile"].items()} for r in tvm_rounds])
+    calls = {name: k["calls"] for name, k in tvm_rounds[0]["profile"].items()}
     rows: dict[Key, dict[str, Any]] = {}
     for name, us in ort.items():
         key = onnx_keys.get(name.removesuffix("_nchwc"))
@@ -186,7 +211,14 @@ def join(ort_rounds: list[dict[str, float]], tvm_rounds: list[dict[str, dict[str
     for entry in totals.values():
         entry["ratio"] = round(entry["tvmnet_us"] / entry["onnxruntime_us"], 2) if entry["onnxruntime_us"] else None
         entry["onnxruntime_us"], entry["tvmnet_us"] = round(entry["onnxruntime_us"], 1), round(entry["tvmnet_us"], 1)
-    return {"rows": table, "classes": totals, "unmatched_tvm_kernels": unmatched}
+    # what each profiler adds: the sum of its rows against the same runtime's median run without it
+    overall = {"profiled sum": (sum(ort.values()), sum(tvm.values())),
+               "end to end, no profiler": tuple(statistics.median(r["end_to_end_us"] for r in rounds)
+                                                for rounds in (ort_rounds, tvm_rounds))}
+    return {"rows": table, "classes": totals, "unmatched_tvm_kernels": unmatched,
+            "overall": {name: {"onnxruntime_us": round(ort_us, 1), "tvmnet_us": round(tvm_us, 1),
+                               "ratio": round(tvm_us / ort_us, 2) if ort_us else None}
+                        for name, (ort_us, tvm_us) in overall.items()}}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -196,9 +228,11 @@ def markdown(result: dict[str, Any]) -> str:
              f"(tuned functions: {ctx['tuned_functions']})",
              f"- {ctx['rounds']} alternating rounds × {ctx['runs']} profiled runs per runtime; µs per inference, "
              f"median over rounds; load at start {ctx['load_before']['loadavg'][0]:.2f}",
-             "- onnxruntime: its per-node profiler; tvmnet: `CompiledModel.profile()`. Both add a little per call.",
+             "- onnxruntime: its per-node profiler; tvmnet: `CompiledModel.profile()`. Each adds time per call, and not "
+             "the same: the last two rows set each profile's sum beside the same runtime's median run without a "
+             "profiler (each round times plain runs first).",
              "", "| class | onnxruntime µs | tvmnet µs | tvmnet / onnxruntime |", "| --- | ---: | ---: | ---: |"]
-    for name, entry in result["classes"].items():
+    for name, entry in [*result["classes"].items(), *result["overall"].items()]:
         lines.append(f"| {name} | {entry['onnxruntime_us']:.0f} | {entry['tvmnet_us']:.0f} | {entry['ratio'] or '–'} |")
     lines += ["", "Convolutions, most time lost first (calls: how often the model runs that shape):", "",
               "| class | weight (OIHW) | in → out | calls | onnxruntime µs | tvmnet µs | ratio | lost µs |",

@@ -90,5 +90,6 @@ def test_breakdown_accounts_for_every_convolution(tmp_path):
     assert {row["class"] for row in result["rows"]} == {"pointwise", "depthwise", "full conv"}
     for row in result["rows"]:
         assert row["onnxruntime_us"] > 0 and row["tvmnet_us"] > 0 and row["kernels"], row
-    for name, entry in result["classes"].items():
+    for name, entry in [*result["classes"].items(), *result["overall"].items()]:
         assert entry["onnxruntime_us"] > 0 and entry["tvmnet_us"] > 0, name
+    assert set(result["overall"]) == {"profiled sum", "end to end, no profiler"}
