@@ -29,6 +29,12 @@
 #   MobileNetV2-1.0-224          960 trials (25 min)
 #   MobileNetV1-1.0-224          656 trials (16 min), then 528 more (14 min)
 #   MobileNetV3-Large-1.0-224    640 trials (15 min), then 496 more (14 min)
+# and, later that day (all on 2 threads; V3-Small and V2-0.5-160 first timed the 52 and 34 znver3 bests here):
+#   MobileNetV1-1.0-224          736 trials (20 min), then 672 on the 5 pointwise convolutions that lost most in
+#                                bench/breakdown.py and the matmul (15 min, `--tasks` for each)
+#   MobileNetV3-Small-1.0-224    497 trials (15 min)
+#   MobileNetV2-0.5-160          352 trials (10 min)
+#   MobileNetV2-1.0-224          528 trials (15 min, after the scheduler change in 14cbd0f: 18 of 34 tasks got a batch)
 # Resumable: every measured record is kept, so stop it at any time and run it again; a larger budget
 # (first argument: a factor, default 1) adds trials where the time is (tvmnet's scheduler picks by
 # weight x latency, tasks with no trial first).
