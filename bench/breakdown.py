@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare import (  # noqa: E402 - the bench scripts share compare.py's helpers
     _env, cpu_model, export_onnx, load_state, ort_session, parse_models, physical_cores, say, slug,
+    timed_calls,
 )
 
 CLASSES = ("pointwise", "depthwise", "full conv", "other")
@@ -59,14 +59,7 @@ def conv_class(weight: tuple[int, ...]) -> str:
 
 
 def _median_call_us(call, runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        call()
-    seconds = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds) * 1e6
+    return statistics.median(timed_calls(call, runs, warmup)) * 1e6
 
 
 def _profile_ort(onnx_path: str, threads: int, runs: int, warmup: int) -> dict[str, Any]:

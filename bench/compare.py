@@ -39,7 +39,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tvmnet.runtime import physical_cores
 
@@ -67,6 +67,18 @@ def say(message: str) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Worker: one runtime in one process, timed on command
+
+
+def timed_calls(call: Callable[[], Any], runs: int, warmup: int) -> list[float]:
+    """Seconds of each of ``runs`` calls, after ``warmup`` untimed ones: one block of a runtime."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def ort_session(model: str, threads: int, profile_prefix: str | None = None):
@@ -133,19 +145,11 @@ def _worker(args: argparse.Namespace) -> int:
     first = call()
     np.save(args.output, np.asarray(first))
     proto.write(json.dumps({"ready": True, "load_s": round(time.perf_counter() - started, 3)}) + "\n")
-    perf = time.perf_counter
     for line in sys.stdin:
         command = json.loads(line)
         if command.get("op") != "block":
             break
-        for _ in range(command["warmup"]):
-            call()
-        times = []
-        for _ in range(command["runs"]):
-            t0 = perf()
-            call()
-            times.append(perf() - t0)
-        proto.write(json.dumps({"times": times}) + "\n")
+        proto.write(json.dumps({"times": timed_calls(call, command["runs"], command["warmup"])}) + "\n")
     return 0
 
 

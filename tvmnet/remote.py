@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import ArtifactError, InputError, TvmnetError
 from .manifest import read_manifest
-from .runtime import CompiledModel, output_tensors, check_library
+from .runtime import CompiledModel, check_library, output_tensors
 
 SERVER_INFO_FUNCTION = "tvmnet.server_info"
 DEFAULT_TIMEOUT_S = 60.0
