@@ -28,9 +28,18 @@ def x():
 def test_nan_or_inf_warns_and_still_runs(model, x, bad):
     y = x.copy()
     y[0, 1, 2, 3] = bad
-    with pytest.warns(UserWarning, match="input 'input' contains NaN or Inf"):
+    with pytest.warns(UserWarning, match="input 'input' contains NaN or Inf") as caught:
         out = model.run(y)
     assert out.shape == (1, 1000)
+    assert [w.filename for w in caught] == [__file__]  # attributed to the line that called run
+
+
+def test_nan_warns_from_benchmark_too(model, x):
+    y = x.copy()
+    y[0, 0, 0, 0] = np.nan
+    with pytest.warns(UserWarning, match="contains NaN or Inf") as caught:
+        model.benchmark(y, number=1, repeat=1, warmup=0)
+    assert [w.filename for w in caught] == [__file__]
 
 
 def test_finite_input_does_not_warn(model, x):
