@@ -35,6 +35,11 @@
 #   MobileNetV3-Small-1.0-224    497 trials (15 min)
 #   MobileNetV2-0.5-160          352 trials (10 min)
 #   MobileNetV2-1.0-224          528 trials (15 min, after the scheduler change in 14cbd0f: 18 of 34 tasks got a batch)
+# and in a third session that day (2 threads):
+#   MobileNetV2-1.0-224          896 trials on the 16 tasks with the fewest znver5 trials or a loss in
+#                                bench/breakdown.py (30 min, `--tasks fused_conv2dN_` for each), then 464 (12 min)
+#   MobileNetV3-Large-1.0-224    768 trials (20 min)
+#   MobileNetV1-1.0-224          736 trials (15 min)
 # Resumable: every measured record is kept, so stop it at any time and run it again; a larger budget
 # (first argument: a factor, default 1) adds trials where the time is (tvmnet's scheduler picks by
 # weight x latency, tasks with no trial first).
