@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import ArtifactError, InputError, TvmnetError
 from .manifest import read_manifest
-from .runtime import CompiledModel, check_library, output_tensors, warn_if_not_finite
+from .runtime import CompiledModel, check_library, output_tensors
 
 SERVER_INFO_FUNCTION = "tvmnet.server_info"
 DEFAULT_TIMEOUT_S = 60.0
@@ -244,8 +244,6 @@ class RemoteModel(CompiledModel):
 
         if self._vm is None:
             raise TvmnetError("this remote model was closed; load it again")
-        for spec, array in zip(self.inputs, arrays):
-            warn_if_not_finite(spec, array)
         try:
             return [tvm.runtime.tensor(np.ascontiguousarray(array), self._device) for array in arrays]
         except Exception as exc:
