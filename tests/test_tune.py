@@ -409,28 +409,44 @@ def test_log_from_another_cpu_seeds_a_tune_here(tuned, tmp_path):
 
 def test_remeasure_times_each_tasks_fastest_records_again(tuned, tmp_path):
     """``remeasure=2, trials=0``: the 2 fastest schedules of each task are measured again and stored beside
-    the old records (a log measured under other conditions, like single-threaded tuning), nothing is searched."""
+    the old records (a log measured under other conditions, like single-threaded tuning), and so is each
+    task's fastest schedule from another CPU (a log whose other CPU was tuned later, with better settings);
+    nothing is searched."""
+    import json
     import shutil
     from collections import Counter
 
-    from tvmnet.tune import _shash
+    from tvmnet.targets import get_target
+    from tvmnet.tune import RECORD_FILE, _shash, cpu_of
 
+    here = str(get_target("x86").tvm_target().attrs["mcpu"])
+    other = "skylake-avx512" if here != "skylake-avx512" else "znver3"
     log = tmp_path / "log"
     shutil.copytree(tuned[0].log_dir, log, ignore=shutil.ignore_patterns("logs", ".tune.lock"))
-    before = _trials(_database_records(log))
+    mine = _trials(_database_records(log))
     fastest: dict[int, list] = {}
-    for record in sorted(before, key=lambda r: float(r.run_secs[0])):
+    for record in sorted(mine, key=lambda r: float(r.run_secs[0])):
         fastest.setdefault(_shash(record.workload.mod), []).append(str(record.trace))
+    # the last trial of the log, as if the other CPU had measured it: measured here again, it is one more record
+    lines_in_log = (log / RECORD_FILE).read_text().splitlines()
+    trial = next(line for line in reversed(lines_in_log) if json.loads(line)[1][0][0])
+    with (log / RECORD_FILE).open("a") as f:
+        f.write(trial.replace(f'"mcpu":"{here}"', f'"mcpu":"{other}"') + "\n")
+    before = _trials(_database_records(log))
+    (theirs,) = [r for r in before if cpu_of(r.target) == other]
 
     lines: list[str] = []
     again = tvmnet_tune(_model(), trials=0, tasks=TASKS, log_dir=log, remeasure=2, progress=lines.append, **SMALL)
+    assert any("measuring the schedule from another CPU of 1 task(s)" in line for line in lines), lines
     assert any("measuring the #2 fastest record of 2 task(s) on this CPU" in line for line in lines), lines
     assert not any("tuning 2 tasks" in line for line in lines), lines
-    assert [t.trials for t in again.tasks] == [t.trials + 2 for t in tuned[0].tasks]
     after = _trials(_database_records(log))
-    added = Counter((_shash(r.workload.mod), str(r.trace)) for r in after)
-    added.subtract(Counter((_shash(r.workload.mod), str(r.trace)) for r in before))
-    assert +added == Counter((key, trace) for key, traces in fastest.items() for trace in traces[:2])
+    added = Counter((_shash(r.workload.mod), str(r.trace), cpu_of(r.target)) for r in after)
+    added.subtract(Counter((_shash(r.workload.mod), str(r.trace), cpu_of(r.target)) for r in before))
+    expected = Counter((key, trace, here) for key, traces in fastest.items() for trace in traces[:2])
+    expected[(_shash(theirs.workload.mod), str(theirs.trace), here)] += 1
+    assert +added == expected
+    assert sorted(a.trials - t.trials for a, t in zip(again.tasks, tuned[0].tasks)) == [2, 3]
 
 
 @pytest.mark.timeout(300)

@@ -833,7 +833,10 @@ def tune(
     run's builder and runner, and stores the new times beside the old. For a log measured under other
     conditions: MetaSchedule's search never measures a schedule that is already in the database again.
     (Until tvmnet 2026-12-02 a CPU without SMT was tuned on one thread, so a log's fastest records were
-    the best single-thread schedules, often ones that do not parallelise.) ``trials=0`` stops after that.
+    the best single-thread schedules, often ones that do not parallelise.) It also measures here the
+    fastest record each task has from another CPU, as a first tune on this CPU would: a log whose
+    other CPU was tuned later, with better settings, can hold better schedules for this one too.
+    ``trials=0`` stops after that.
     """
     from . import pipeline
     from .build import resolve_model
@@ -881,9 +884,10 @@ def tune(
         no_floor = [task for task, h in zip(selected, hashes) if before[h][2] is None and (tuning or before[h][0])]
         # a task about to be tuned on this CPU for the first time starts from the best schedule another CPU
         # found for it, measured here first (a log moved to a new machine, or a board of another family)
-        elsewhere = fastest_elsewhere(database, [selected[i] for i in to_tune], cpu) if tuning else []
-        ported = [(selected[i], record) for i, record in zip(to_tune, elsewhere)
-                  if record is not None and existing[i] == 0]
+        port_to = range(len(selected)) if remeasure else to_tune if tuning else []
+        elsewhere = fastest_elsewhere(database, [selected[i] for i in port_to], cpu)
+        ported = [(selected[i], record) for i, record in zip(port_to, elsewhere)
+                  if record is not None and (existing[i] == 0 or remeasure)]
         if tuning or no_floor or remeasure:
             builder = make_builder(spec, builder_timeout_s,
                                     builder_workers or max(1, min(2, (os.cpu_count() or 1))))
