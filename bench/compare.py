@@ -144,7 +144,10 @@ def _worker(args: argparse.Namespace) -> int:
 
     first = call()
     np.save(args.output, np.asarray(first))
-    proto.write(json.dumps({"ready": True, "load_s": round(time.perf_counter() - started, 3)}) + "\n")
+    ready = {"ready": True, "load_s": round(time.perf_counter() - started, 3)}
+    if args.worker in (UNTUNED, TUNED):  # tvmnet reads a 64-byte aligned input in place and copies any other
+        ready["input_read_in_place"] = x.ctypes.data % 64 == 0
+    proto.write(json.dumps(ready) + "\n")
     for line in sys.stdin:
         command = json.loads(line)
         if command.get("op") != "block":
@@ -170,6 +173,7 @@ class Worker:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env, cwd=str(REPO),
         )
         self.load_s: float | None = None
+        self.input_read_in_place: bool | None = None
 
     def _read(self) -> dict[str, Any]:
         line = self.proc.stdout.readline()
@@ -181,7 +185,9 @@ class Worker:
         return json.loads(line)
 
     def wait_ready(self) -> None:
-        self.load_s = self._read()["load_s"]
+        ready = self._read()
+        self.load_s = ready["load_s"]
+        self.input_read_in_place = ready.get("input_read_in_place")
 
     def block(self, warmup: int, runs: int) -> list[float]:
         self.proc.stdin.write(json.dumps({"op": "block", "warmup": warmup, "runs": runs}) + "\n")
@@ -476,7 +482,8 @@ def bench_model(config: ModelConfig, entry: dict[str, Any], args: argparse.Names
         flat = [t for block in times[runtime] for t in block]
         row: dict[str, Any] = {"runtime": runtime, **summarize(flat),
                                "round_medians_ms": [statistics.median(b) * 1e3 for b in times[runtime]],
-                               "load_s": workers[runtime].load_s, "source": str(sources[runtime])}
+                               "load_s": workers[runtime].load_s, "source": str(sources[runtime]),
+                               "input_read_in_place": workers[runtime].input_read_in_place}
         if runtime != ORT:
             report = verify.compare("output", outputs[runtime], reference)
             row["check"] = {"reference": ORT, "max_abs_error": report.max_abs_error,
@@ -608,6 +615,12 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{_fmt(row['ratio_to_onnxruntime'])} | {_fmt(row.get('ratio_to_untuned'))} | "
                 f"{error} | "
                 f"{'–' if check is None else ('pass' if check['passed'] else '**FAIL**')} | {tuned} |")
+        in_place = {row["runtime"]: row.get("input_read_in_place") for row in model["runtimes"]
+                    if row.get("input_read_in_place") is not None}
+        if in_place:
+            notes.append(f"- {model['model']}: tvmnet's input " + ", ".join(
+                f"{runtime} {'read in place (64-byte aligned)' if flag else 'copied (not 64-byte aligned)'}"
+                for runtime, flag in in_place.items()))
         for runtime, why in model["skipped"].items():
             lines.append(f"| {model['model']} | {runtime} | – | – | – | – | – | – | {why} |")
     if result["warnings"]:
