@@ -893,11 +893,13 @@ def tune(
                                     builder_workers or max(1, min(2, (os.cpu_count() or 1))))
             runner, runner_name = make_runner(spec, rpc_tracker=rpc_tracker, rpc_key=rpc_key, timeout_s=timeout_s,
                                                number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
+            # this CPU's fastest records as the log holds them now, before the other CPUs' are measured here
+            again = fastest_here(database, selected, cpu, remeasure)
             measure_schedules(no_floor, builder, runner, database, tvm_target, say)
             if ported:
                 measure_schedules([task for task, _ in ported], builder, runner, database, tvm_target, say,
                                   records=[record for _, record in ported])
-            for rank, chosen in enumerate(fastest_here(database, selected, cpu, remeasure)):
+            for rank, chosen in enumerate(again):
                 if interrupted.is_set():
                     break
                 measure_schedules([task for task, _ in chosen], builder, runner, database, tvm_target, say,
