@@ -145,8 +145,8 @@ def _worker(args: argparse.Namespace) -> int:
     first = call()
     np.save(args.output, np.asarray(first))
     ready = {"ready": True, "load_s": round(time.perf_counter() - started, 3)}
-    if args.worker in (UNTUNED, TUNED):  # tvmnet reads a 64-byte aligned input in place and copies any other
-        ready["input_read_in_place"] = x.ctypes.data % 64 == 0
+    if args.worker in (UNTUNED, TUNED):
+        ready["input_read_in_place"] = model.reads_in_place(x)
     proto.write(json.dumps(ready) + "\n")
     for line in sys.stdin:
         command = json.loads(line)

@@ -82,6 +82,7 @@ def test_aligned_and_misaligned_arrays_give_the_same_result(model, x, offset):
     alignment, and a misaligned tensor handed to them crashed the process. Both give the same output, and
     a run in place still sees a change the caller made to its array between runs."""
     y = _at_offset(x, offset)
+    assert model.reads_in_place(y) == (offset == 0)
     reference = model.run(x)
     assert model.run(y).tobytes() == reference.tobytes()
     y *= 2.0
@@ -94,6 +95,7 @@ def test_aligned_and_misaligned_arrays_give_the_same_result(model, x, offset):
 def test_read_only_array_is_accepted(model, x, aligned):
     y = _at_offset(x, 0 if aligned else 16)
     y.flags.writeable = False
+    assert not model.reads_in_place(y)  # DLPack cannot export a read-only array
     assert model.run(y).tobytes() == model.run(x).tobytes()
 
 

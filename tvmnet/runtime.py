@@ -161,16 +161,26 @@ class CompiledModel:
             arrays = [data]
         return [_check_array(spec, array) for spec, array in zip(self.inputs, arrays)]
 
-    def _device_inputs(self, arrays: list[np.ndarray]) -> list[Any]:
-        """The inputs as TVM tensors (call with the lock held): on the CPU, an array TVM's kernels can read
-        in place is passed without a copy; any other is copied into a tensor this model keeps.
+    def reads_in_place(self, array: np.ndarray) -> bool:
+        """Whether ``run`` hands this array to TVM's kernels as it is, without copying it first.
 
-        TVM's kernels assume 64-byte aligned inputs (``tvm.runtime.from_dlpack`` refuses others, and a
-        misaligned tensor passed around that check crashed the process), and numpy aligns a large array
-        to 16 bytes, so about half of the caller's arrays qualify. A fresh tensor per call cost about
-        0.13 ms more per MobileNetV2 inference than a copy into one kept tensor (2-core x86 VM): a new
-        allocation and its first touch on every call. The copy goes through a numpy view of each kept
-        tensor (DLPack), which is one C call instead of TVM's Python ``copyfrom``.
+        That takes a CPU model and a writeable, C-contiguous array whose data is 64-byte aligned: TVM's
+        kernels assume that alignment (``tvm.runtime.from_dlpack`` refuses other arrays, and a misaligned
+        tensor passed around that check crashed the process), and DLPack cannot export a read-only array.
+        numpy guarantees only 16-byte alignment, so whether a caller's array qualifies depends on how it was
+        allocated (``np.load``'s never did here; ``np.empty``'s large ones alternated).
+        """
+        return (self._on_cpu and array.flags.c_contiguous and array.flags.writeable
+                and array.ctypes.data % TVM_ALIGNMENT == 0)
+
+    def _device_inputs(self, arrays: list[np.ndarray]) -> list[Any]:
+        """The inputs as TVM tensors (call with the lock held): an array ``reads_in_place`` accepts is
+        passed without a copy; any other is copied into a tensor this model keeps.
+
+        A fresh tensor per call cost about 0.13 ms more per MobileNetV2 inference than a copy into one
+        kept tensor (2-core x86 VM): a new allocation and its first touch on every call. The copy goes
+        through a numpy view of each kept tensor (DLPack), which is one C call instead of TVM's Python
+        ``copyfrom``.
         """
         import tvm
 
@@ -179,14 +189,11 @@ class CompiledModel:
             self._input_views = [np.from_dlpack(tensor) for tensor in self._input_tensors]
         tensors = []
         for kept, view, array in zip(self._input_tensors, self._input_views, arrays):
-            if self._on_cpu and array.flags.c_contiguous and array.ctypes.data % TVM_ALIGNMENT == 0:
-                try:
-                    tensors.append(tvm.runtime.from_dlpack(array))
-                    continue
-                except (BufferError, RuntimeError, TypeError):  # e.g. a read-only array: DLPack cannot export it
-                    pass
-            np.copyto(view, array)
-            tensors.append(kept)
+            if self.reads_in_place(array):
+                tensors.append(tvm.runtime.from_dlpack(array))
+            else:
+                np.copyto(view, array)
+                tensors.append(kept)
         return tensors
 
     def _call(self, arrays: list[np.ndarray]) -> Any:
