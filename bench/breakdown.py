@@ -9,8 +9,12 @@ through ``set_instrument``) on the other. Each runtime runs in its own process, 
 rounds. Rows are grouped into pointwise (1x1), depthwise, full convolutions and everything else, so
 the table says which kind of kernel the tuned build is short on.
 
+It also measures this CPU's peak fp32 multiply-add rate on the same threads (``bench/fma_peak.c``) and
+sets each class's GFLOP/s against it, and for each ``--goal`` ratio says how fast the pointwise and full
+convolutions would have to run to reach it: whether a goal is a matter of tuning or above the hardware.
+
     python bench/breakdown.py                                   # MobileNetV2-1.0-224, shipped x86 log
-    python bench/breakdown.py --model mobilenet_v3_large --artifact build/v3l
+    python bench/breakdown.py --model mobilenet_v3_large --artifact build/v3l --goal 1.0
 
 Writes bench/results/breakdown-<date>-<cpu>-<model>.json/.md. Stop every other job first: these are
 timings. Neither profiler is free, nor equally costly: the table's last two rows set each profile's sum
@@ -52,6 +56,48 @@ def conv_class(weight: tuple[int, ...]) -> str:
     if weight[1] == 1 and weight[2] * weight[3] > 1:
         return "depthwise"
     return "pointwise" if weight[2] * weight[3] == 1 else "full conv"
+
+
+def conv_mflop(weight: tuple[int, ...], out_hw: tuple[int, ...], calls: int) -> float:
+    """Million floating-point operations of ``calls`` runs of one convolution (a multiply-add is two)."""
+    out_channels, in_per_group, kernel_h, kernel_w = weight
+    return 2 * out_channels * in_per_group * kernel_h * kernel_w * out_hw[0] * out_hw[1] * calls / 1e6
+
+
+def fma_peak_gflops(threads: int, repeats: int = 3) -> float:
+    """This CPU's peak fp32 multiply-add rate on ``threads`` threads: bench/fma_peak.c built with the system C
+    compiler for this CPU (-march=native), best of ``repeats`` runs of about half a second."""
+    source = Path(__file__).resolve().parent / "fma_peak.c"
+    with tempfile.TemporaryDirectory(prefix="tvmnet-fma-peak-") as tmp:
+        binary = Path(tmp) / "fma_peak"
+        built = subprocess.run(["cc", "-O2", "-march=native", "-pthread", str(source), "-o", str(binary)],
+                               capture_output=True, text=True)
+        if built.returncode != 0:
+            raise SystemExit(f"breakdown: could not build {source.name} (install a C compiler: apt install gcc): "
+                             f"{built.stderr.strip()[-500:]}")
+        return max(float(subprocess.run([str(binary), str(threads)], capture_output=True, text=True,
+                                        check=True).stdout) for _ in range(repeats))
+
+
+def goal_budget(result: dict[str, Any], goal: float) -> dict[str, float | None]:
+    """What running end to end at ``goal`` × onnxruntime's time would take from the dense convolutions.
+
+    Generous to tvmnet on purpose: the depthwise convolutions and everything else are taken at the faster
+    runtime's profiled time, scaled down by onnxruntime's profiler overhead (its plain run against its
+    profile's sum); whatever is left of the goal is the pointwise and full convolutions' budget.
+    """
+    classes, overall = result["classes"], result["overall"]
+    plain_us = overall["end to end, no profiler"]["onnxruntime_us"]
+    profiler_scale = min(1.0, plain_us / overall["profiled sum"]["onnxruntime_us"])
+    rest_us = profiler_scale * sum(min(classes[c]["onnxruntime_us"], classes[c]["tvmnet_us"])
+                                   for c in ("depthwise", "other"))
+    dense_mflop = classes["pointwise"]["mflop"] + classes["full conv"]["mflop"]
+    budget_us = goal * plain_us - rest_us
+    needed = dense_mflop / budget_us * 1e3 if budget_us > 0 else None  # None: the rest alone overruns the goal
+    return {"goal": goal, "goal_us": round(goal * plain_us, 1), "rest_us": round(rest_us, 1),
+            "dense_mflop": round(dense_mflop, 1), "budget_us": round(budget_us, 1),
+            "needed_gflops": None if needed is None else round(needed, 1),
+            "needed_share_of_peak": None if needed is None else round(needed / result["context"]["fma_peak_gflops"], 3)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,21 +235,25 @@ def join(ort_rounds: list[dict[str, float]], tvm_rounds: list[dict[str, dict[str
     for (weight, size_in, size_out), row in rows.items():
         table.append({"class": conv_class(weight), "weight": list(weight), "in_hw": list(size_in),
                       "out_hw": list(size_out), "calls": row["calls"], "kernels": row["tvm_kernels"],
+                      "mflop": round(conv_mflop(weight, size_out, row["calls"]), 4),
                       "onnxruntime_us": round(row["ort_us"], 1), "tvmnet_us": round(row["tvm_us"], 1),
                       "ratio": round(row["tvm_us"] / row["ort_us"], 2) if row["ort_us"] else None,
                       "lost_us": round(row["tvm_us"] - row["ort_us"], 1)})
     table.sort(key=lambda r: -r["lost_us"])
     matched_ort = {n for n in ort if onnx_keys.get(n.removesuffix("_nchwc")) is not None}
     matched_tvm = {k for row in table for k in row["kernels"]}
-    totals = {c: {"onnxruntime_us": 0.0, "tvmnet_us": 0.0} for c in CLASSES}
+    totals = {c: {"onnxruntime_us": 0.0, "tvmnet_us": 0.0, "mflop": 0.0} for c in CLASSES}
     for row in table:
-        totals[row["class"]]["onnxruntime_us"] += row["onnxruntime_us"]
-        totals[row["class"]]["tvmnet_us"] += row["tvmnet_us"]
+        for field in ("onnxruntime_us", "tvmnet_us", "mflop"):
+            totals[row["class"]][field] += row[field]
     totals["other"]["onnxruntime_us"] = sum(us for n, us in ort.items() if n not in matched_ort)
     totals["other"]["tvmnet_us"] = sum(us for n, us in tvm.items() if n not in matched_tvm)
     for entry in totals.values():
         entry["ratio"] = round(entry["tvmnet_us"] / entry["onnxruntime_us"], 2) if entry["onnxruntime_us"] else None
-        entry["onnxruntime_us"], entry["tvmnet_us"] = round(entry["onnxruntime_us"], 1), round(entry["tvmnet_us"], 1)
+        for runtime in ("onnxruntime", "tvmnet"):  # MFLOP per µs is TFLOP/s
+            entry[f"{runtime}_gflops"] = round(entry["mflop"] / entry[f"{runtime}_us"] * 1e3, 1) if entry["mflop"] else None
+        for field in ("onnxruntime_us", "tvmnet_us", "mflop"):
+            entry[field] = round(entry[field], 1)
     # what each profiler adds: the sum of its rows against the same runtime's median run without it
     overall = {"profiled sum": (sum(ort.values()), sum(tvm.values())),
                "end to end, no profiler": tuple(statistics.median(r["end_to_end_us"] for r in rounds)
@@ -216,6 +266,7 @@ def join(ort_rounds: list[dict[str, float]], tvm_rounds: list[dict[str, dict[str
 
 def markdown(result: dict[str, Any]) -> str:
     ctx = result["context"]
+    peak = ctx["fma_peak_gflops"]
     lines = [f"# Layer by layer: tvmnet vs onnxruntime — {ctx['model']}, {ctx['date_utc']}", "",
              f"- CPU: {ctx['cpu_model']}, {ctx['threads']} thread(s) each; artifact {ctx['artifact']} "
              f"(tuned functions: {ctx['tuned_functions']})",
@@ -224,9 +275,30 @@ def markdown(result: dict[str, Any]) -> str:
              "- onnxruntime: its per-node profiler; tvmnet: `CompiledModel.profile()`. Each adds time per call, and not "
              "the same: the last two rows set each profile's sum beside the same runtime's median run without a "
              "profiler (each round times plain runs first).",
-             "", "| class | onnxruntime µs | tvmnet µs | tvmnet / onnxruntime |", "| --- | ---: | ---: | ---: |"]
+             f"- This CPU's fp32 FMA peak on {ctx['threads']} thread(s): {peak:.0f} GFLOP/s (`bench/fma_peak.c`, best of 3); "
+             "GFLOP/s columns give each class's rate and its share of that peak.",
+             "", "| class | MFLOP | onnxruntime µs | tvmnet µs | tvmnet / onnxruntime | onnxruntime GFLOP/s | "
+             "tvmnet GFLOP/s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def rate(entry: dict[str, Any], runtime: str) -> str:
+        gflops = entry.get(f"{runtime}_gflops")
+        return f"{gflops:.0f} ({gflops / peak:.0%})" if gflops else "–"
+
     for name, entry in [*result["classes"].items(), *result["overall"].items()]:
-        lines.append(f"| {name} | {entry['onnxruntime_us']:.0f} | {entry['tvmnet_us']:.0f} | {entry['ratio'] or '–'} |")
+        mflop = f"{entry['mflop']:.0f}" if entry.get("mflop") else "–"
+        lines.append(f"| {name} | {mflop} | {entry['onnxruntime_us']:.0f} | {entry['tvmnet_us']:.0f} | "
+                     f"{entry['ratio'] or '–'} | {rate(entry, 'onnxruntime')} | {rate(entry, 'tvmnet')} |")
+    lines.append("")
+    for goal in result["goals"]:
+        head = (f"- **Goal {goal['goal']}× onnxruntime** ({goal['goal_us']:.0f} µs end to end): with the depthwise "
+                f"convolutions and the rest as fast as the faster runtime's ({goal['rest_us']:.0f} µs, scaled by "
+                f"onnxruntime's profiler overhead), the pointwise and full convolutions ({goal['dense_mflop']:.0f} "
+                f"MFLOP) get {goal['budget_us']:.0f} µs")
+        if goal["needed_gflops"] is None:
+            lines.append(head + ": nothing, so the goal is out of reach whatever they do.")
+        else:
+            lines.append(head + f", which takes {goal['needed_gflops']:.0f} GFLOP/s: "
+                         f"{goal['needed_share_of_peak']:.0%} of the FMA peak.")
     lines += ["", "Convolutions, most time lost first (calls: how often the model runs that shape):", "",
               "| class | weight (OIHW) | in → out | calls | onnxruntime µs | tvmnet µs | ratio | lost µs |",
               "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -248,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=30, help="profiled runs per round (default: 30)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--goal", type=float, action="append", help="a tvmnet / onnxruntime end-to-end ratio to "
+                        "check against the FMA peak (repeatable; default: 1.0)")
     parser.add_argument("--work-dir", type=Path, default=REPO / "bench" / ".work")
     parser.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--worker", choices=("onnxruntime", "tvmnet"), help=argparse.SUPPRESS)
@@ -278,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     onnx_keys = onnx_conv_keys(onnx_path)
     tvm_keys = tvm_conv_keys(onnx_path, args.target)
     load_before = load_state()
+    say(f"measuring this CPU's FMA peak on {args.threads} thread(s)")
+    peak = fma_peak_gflops(args.threads)
     ort_rounds, tvm_rounds = [], []
     for round_ in range(args.rounds):
         say(f"round {round_ + 1}/{args.rounds}: profiling onnxruntime, then tvmnet ({args.runs} runs each)")
@@ -289,8 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         "model": config.slug, "date_utc": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "cpu_model": cpu_model(),
         "threads": args.threads, "rounds": args.rounds, "runs": args.runs, "warmup": args.warmup,
         "artifact": str(artifact), "tuned_functions": len(manifest.get("schedules", {}).get("tuned", [])),
-        "load_before": load_before, "load_after": load_state(),
+        "load_before": load_before, "load_after": load_state(), "fma_peak_gflops": peak,
     }
+    result["goals"] = [goal_budget(result, goal) for goal in args.goal or [1.0]]
     text = markdown(result)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     base = f"breakdown-{now:%Y-%m-%d}-{slug(cpu_model())}-{config.slug}"

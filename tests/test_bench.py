@@ -76,7 +76,7 @@ def test_breakdown_accounts_for_every_convolution(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "breakdown.py"), "--model", "mobilenet_v2:0.25:96", "--rounds", "1",
          "--runs", "3", "--warmup", "1", "--threads", "1", "--work-dir", str(tmp_path / "work"),
-         "--results-dir", str(results)],
+         "--results-dir", str(results), "--goal", "0.8", "--goal", "1.0"],
         capture_output=True, text=True, timeout=280, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -93,3 +93,14 @@ def test_breakdown_accounts_for_every_convolution(tmp_path):
     for name, entry in [*result["classes"].items(), *result["overall"].items()]:
         assert entry["onnxruntime_us"] > 0 and entry["tvmnet_us"] > 0, name
     assert set(result["overall"]) == {"profiled sum", "end to end, no profiler"}
+    # the roofline: every convolution's FLOPs counted once, against a measured FMA peak
+    from tvmnet.summary import summarize
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path)))
+    classifier_mflop = 2 * 1280 * 1000 / 1e6  # V2 keeps 1280 channels before its classifier for α < 1
+    conv_mflop = sum(row["mflop"] for row in result["rows"])
+    assert conv_mflop == pytest.approx(summarize(model)["flops"] / 1e6 - classifier_mflop, rel=1e-4)
+    assert result["context"]["fma_peak_gflops"] > 1
+    assert [goal["goal"] for goal in result["goals"]] == [0.8, 1.0]
+    tighter, parity = result["goals"]
+    assert tighter["budget_us"] < parity["budget_us"] and tighter["dense_mflop"] == parity["dense_mflop"] > 0
