@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare import (  # noqa: E402 - the bench scripts share compare.py's helpers
-    _env, cpu_model, export_onnx, load_state, ort_session, parse_models, physical_cores, say, slug,
+    FmaPeak, _env, _host_note, cpu_model, export_onnx, load_state, ort_session, parse_models, physical_cores, say, slug,
     timed_calls,
 )
 
@@ -62,21 +62,6 @@ def conv_mflop(weight: tuple[int, ...], out_hw: tuple[int, ...], calls: int) -> 
     """Million floating-point operations of ``calls`` runs of one convolution (a multiply-add is two)."""
     out_channels, in_per_group, kernel_h, kernel_w = weight
     return 2 * out_channels * in_per_group * kernel_h * kernel_w * out_hw[0] * out_hw[1] * calls / 1e6
-
-
-def fma_peak_gflops(threads: int, repeats: int = 3) -> float:
-    """This CPU's peak fp32 multiply-add rate on ``threads`` threads: bench/fma_peak.c built with the system C
-    compiler for this CPU (-march=native), best of ``repeats`` runs of about half a second."""
-    source = Path(__file__).resolve().parent / "fma_peak.c"
-    with tempfile.TemporaryDirectory(prefix="tvmnet-fma-peak-") as tmp:
-        binary = Path(tmp) / "fma_peak"
-        built = subprocess.run(["cc", "-O2", "-march=native", "-pthread", str(source), "-o", str(binary)],
-                               capture_output=True, text=True)
-        if built.returncode != 0:
-            raise SystemExit(f"breakdown: could not build {source.name} (install a C compiler: apt install gcc): "
-                             f"{built.stderr.strip()[-500:]}")
-        return max(float(subprocess.run([str(binary), str(threads)], capture_output=True, text=True,
-                                        check=True).stdout) for _ in range(repeats))
 
 
 def goal_budget(result: dict[str, Any], goal: float) -> dict[str, float | None]:
@@ -275,8 +260,10 @@ def markdown(result: dict[str, Any]) -> str:
              "- onnxruntime: its per-node profiler; tvmnet: `CompiledModel.profile()`. Each adds time per call, and not "
              "the same: the last two rows set each profile's sum beside the same runtime's median run without a "
              "profiler (each round times plain runs first).",
-             f"- This CPU's fp32 FMA peak on {ctx['threads']} thread(s): {peak:.0f} GFLOP/s (`bench/fma_peak.c`, best of 3); "
-             "GFLOP/s columns give each class's rate and its share of that peak.",
+             f"- This CPU's fp32 FMA peak on {ctx['threads']} thread(s): {peak:.0f} GFLOP/s (`bench/fma_peak.c`, the best "
+             f"of {len(ctx['fma_peak_samples'])} half-second runs, one before each round and one after; lowest "
+             f"{min(ctx['fma_peak_samples']):.0f}: {_host_note(ctx['fma_peak_samples'])}); GFLOP/s columns give each "
+             "class's rate and its share of that peak.",
              "", "| class | MFLOP | onnxruntime µs | tvmnet µs | tvmnet / onnxruntime | onnxruntime GFLOP/s | "
              "tvmnet GFLOP/s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
@@ -352,20 +339,23 @@ def main(argv: list[str] | None = None) -> int:
     onnx_keys = onnx_conv_keys(onnx_path)
     tvm_keys = tvm_conv_keys(onnx_path, args.target)
     load_before = load_state()
-    say(f"measuring this CPU's FMA peak on {args.threads} thread(s)")
-    peak = fma_peak_gflops(args.threads)
-    ort_rounds, tvm_rounds = [], []
-    for round_ in range(args.rounds):
-        say(f"round {round_ + 1}/{args.rounds}: profiling onnxruntime, then tvmnet ({args.runs} runs each)")
-        ort_rounds.append(_run_worker("onnxruntime", onnx_path, args))
-        tvm_rounds.append(_run_worker("tvmnet", artifact, args))
+    ort_rounds, tvm_rounds, peaks = [], [], []
+    with FmaPeak() as fma:
+        for round_ in range(args.rounds):
+            say(f"round {round_ + 1}/{args.rounds}: this CPU's FMA peak, then profiling onnxruntime and tvmnet "
+                f"({args.runs} runs each)")
+            peaks.append(fma.sample(args.threads))
+            ort_rounds.append(_run_worker("onnxruntime", onnx_path, args))
+            tvm_rounds.append(_run_worker("tvmnet", artifact, args))
+        peaks.append(fma.sample(args.threads))
     result = join(ort_rounds, tvm_rounds, onnx_keys, tvm_keys)
     now = _dt.datetime.now(_dt.timezone.utc)
     result["context"] = {
         "model": config.slug, "date_utc": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "cpu_model": cpu_model(),
         "threads": args.threads, "rounds": args.rounds, "runs": args.runs, "warmup": args.warmup,
         "artifact": str(artifact), "tuned_functions": len(manifest.get("schedules", {}).get("tuned", [])),
-        "load_before": load_before, "load_after": load_state(), "fma_peak_gflops": peak,
+        "load_before": load_before, "load_after": load_state(),
+        "fma_peak_gflops": max(peaks), "fma_peak_samples": peaks,
     }
     result["goals"] = [goal_budget(result, goal) for goal in args.goal or [1.0]]
     text = markdown(result)

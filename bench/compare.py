@@ -437,7 +437,7 @@ def summarize(seconds: list[float]) -> dict[str, Any]:
 
 
 def bench_model(config: ModelConfig, entry: dict[str, Any], args: argparse.Namespace,
-                openvino_ok: bool) -> dict[str, Any]:
+                openvino_ok: bool, fma: FmaPeak) -> dict[str, Any]:
     import numpy as np
 
     from tvmnet import verify
@@ -464,8 +464,9 @@ def bench_model(config: ModelConfig, entry: dict[str, Any], args: argparse.Names
                                       args.threads, run_dir / f"{runtime}.log")
             workers[runtime].wait_ready()
         times: dict[str, list[list[float]]] = {r: [] for r in runtimes}
-        order = []
+        order, peaks = [], []
         for round_ in range(args.rounds):
+            peaks.append(fma.sample(args.threads))  # the host's share of the cores, round by round
             sequence = runtimes if round_ % 2 == 0 else runtimes[::-1]  # no runtime always goes first
             for runtime in sequence:
                 time.sleep(args.pause)  # let the previous process's pool stop spinning
@@ -518,7 +519,8 @@ def bench_model(config: ModelConfig, entry: dict[str, Any], args: argparse.Names
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"model": config.slug, "name": config.name, "alpha": config.alpha, "resolution": config.resolution,
             "input_shape": list(spec_shape), "seed": args.seed, "onnx": entry["onnx"], "tuning": entry["tuning"],
-            "block_order": order, "runtimes": [rows[r] for r in runtimes], "skipped": skipped}
+            "block_order": order, "runtimes": [rows[r] for r in runtimes], "skipped": skipped,
+            "fma_peak_gflops_by_round": peaks}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,6 +541,46 @@ def llvm_cpu() -> str:
     import tvm
 
     return str(tvm.target.codegen.llvm_get_system_cpu())
+
+
+class FmaPeak:
+    """This CPU's peak fp32 multiply-add rate (bench/fma_peak.c, built once for this CPU with the system C
+    compiler): the ceiling for any kernel, and a probe of the host. On a VM whose cores another tenant
+    shares, it drops (to half on the 2-core EPYC VM, 204 -> 102 GFLOP/s within minutes) while the load
+    average, which sees only this VM, stays low; every runtime slows with it.
+    """
+
+    SOURCE = Path(__file__).resolve().parent / "fma_peak.c"
+
+    def __enter__(self) -> FmaPeak:
+        self._tmp = tempfile.TemporaryDirectory(prefix="tvmnet-fma-peak-")
+        self.binary = Path(self._tmp.name) / "fma_peak"
+        built = subprocess.run(["cc", "-O2", "-march=native", "-pthread", str(self.SOURCE), "-o", str(self.binary)],
+                               capture_output=True, text=True)
+        if built.returncode != 0:
+            self._tmp.cleanup()
+            raise SystemExit(f"bench: could not build {self.SOURCE.name} (install a C compiler: apt install gcc): "
+                             f"{built.stderr.strip()[-500:]}")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._tmp.cleanup()
+
+    def sample(self, threads: int, iterations: int = 300_000_000) -> float:
+        """GFLOP/s over ``threads`` threads; the default runs about half a second on a 3 GHz AVX2 core."""
+        out = subprocess.run([str(self.binary), str(threads), str(iterations)], capture_output=True, text=True,
+                             check=True).stdout
+        return float(out)
+
+
+HOST_STEAL_WARN = 0.85
+"""Below this fraction of the run's best FMA peak sample, another tenant had part of this VM's cores."""
+
+
+def _host_note(peaks: list[float]) -> str:
+    if min(peaks) < HOST_STEAL_WARN * max(peaks):
+        return "the host took CPU time from this VM while it ran; the numbers are not clean"
+    return "the host left this VM its cores"
 
 
 def settle_load(seconds: float) -> dict[str, Any]:
@@ -623,6 +665,10 @@ def markdown(result: dict[str, Any]) -> str:
                 for runtime, flag in in_place.items()))
         for runtime, why in model["skipped"].items():
             lines.append(f"| {model['model']} | {runtime} | – | – | – | – | – | – | {why} |")
+        peaks = model.get("fma_peak_gflops_by_round")
+        if peaks:
+            notes.append(f"- {model['model']}: this CPU's FMA peak before each round {min(peaks):.0f}-{max(peaks):.0f} "
+                         f"GFLOP/s (`bench/fma_peak.c`, {ctx['threads']} thread(s)): {_host_note(peaks)}")
     if result["warnings"]:
         notes += [f"- warning: {w}" for w in result["warnings"]]
     lines += ["", "Ratios are median / median from the same alternation; check = output vs onnxruntime "
@@ -693,11 +739,17 @@ def main(argv: list[str] | None = None) -> int:
                         "CPU, or compiling just did; the numbers are not clean")
         say(warnings[-1])
     models = []
-    for config, entry in zip(configs, entries):
-        say(f"{config.slug}: timing {args.rounds} rounds × ({args.warmup} + {args.runs}) calls per runtime, "
-            f"{args.threads} thread(s)")
-        models.append(bench_model(config, entry, args, openvino_ok))
+    with FmaPeak() as fma:
+        for config, entry in zip(configs, entries):
+            say(f"{config.slug}: timing {args.rounds} rounds × ({args.warmup} + {args.runs}) calls per runtime, "
+                f"{args.threads} thread(s)")
+            models.append(bench_model(config, entry, args, openvino_ok, fma))
     load_after = load_state()
+    peaks = [peak for model in models for peak in model["fma_peak_gflops_by_round"]]
+    if min(peaks) < HOST_STEAL_WARN * max(peaks):
+        warnings.append(f"this CPU's FMA peak on {args.threads} thread(s), sampled before every round, ranged "
+                        f"{min(peaks):.0f}-{max(peaks):.0f} GFLOP/s: {_host_note(peaks)}")
+        say(warnings[-1])
 
     now = _dt.datetime.now(_dt.timezone.utc)
     context = {

@@ -46,6 +46,9 @@ def test_compare_smoke(tmp_path):
     assert ("openvino" in rows) != ("openvino" in model["skipped"])
     # every block ran in alternation, each runtime once per round
     assert sorted(model["block_order"]) == sorted(list(rows) * ROUNDS)
+    # the host's share of the cores was probed before every round
+    peaks = model["fma_peak_gflops_by_round"]
+    assert len(peaks) == ROUNDS and all(peak > 1 for peak in peaks)
     for name, row in rows.items():
         assert row["n"] == RUNS * ROUNDS, name
         assert len(row["round_medians_ms"]) == ROUNDS, name
@@ -100,7 +103,8 @@ def test_breakdown_accounts_for_every_convolution(tmp_path):
     classifier_mflop = 2 * 1280 * 1000 / 1e6  # V2 keeps 1280 channels before its classifier for α < 1
     conv_mflop = sum(row["mflop"] for row in result["rows"])
     assert conv_mflop == pytest.approx(summarize(model)["flops"] / 1e6 - classifier_mflop, rel=1e-4)
-    assert result["context"]["fma_peak_gflops"] > 1
+    samples = result["context"]["fma_peak_samples"]
+    assert len(samples) == 2 and result["context"]["fma_peak_gflops"] == max(samples) > 1
     assert [goal["goal"] for goal in result["goals"]] == [0.8, 1.0]
     tighter, parity = result["goals"]
     assert tighter["budget_us"] < parity["budget_us"] and tighter["dense_mflop"] == parity["dense_mflop"] > 0
