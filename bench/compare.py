@@ -547,7 +547,9 @@ class FmaPeak:
     """This CPU's peak fp32 multiply-add rate (bench/fma_peak.c, built once for this CPU with the system C
     compiler): the ceiling for any kernel, and a probe of the host. On a VM whose cores another tenant
     shares, it drops (to half on the 2-core EPYC VM, 204 -> 102 GFLOP/s within minutes) while the load
-    average, which sees only this VM, stays low; every runtime slows with it.
+    average, which sees only this VM, stays low; every runtime slows with it. A drop proves contention; a
+    full peak does not prove quiet: a neighbour can take the shared cache and memory bandwidth without the
+    cores (onnxruntime's MobileNetV2 took 5.8 to 9.5 ms in rounds that each began at 200 GFLOP/s).
     """
 
     SOURCE = Path(__file__).resolve().parent / "fma_peak.c"
