@@ -108,3 +108,18 @@ def test_breakdown_accounts_for_every_convolution(tmp_path):
     assert [goal["goal"] for goal in result["goals"]] == [0.8, 1.0]
     tighter, parity = result["goals"]
     assert tighter["budget_us"] < parity["budget_us"] and tighter["dense_mflop"] == parity["dense_mflop"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_kernels_alone_replays_every_kernel_call(tiny_v2_artifact):
+    """bench/kernels_alone.py replays each kernel of one inference in model order and alone: every fused
+    kernel of the model must be captured (one call per convolution in V2-0.25), with positive times."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "kernels_alone.py"), str(tiny_v2_artifact),
+                           "--rounds", "3", "--top", "1000"], capture_output=True, text=True, timeout=110, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    head, _columns, *rows = proc.stdout.strip().splitlines()
+    calls = int(head.split()[0])
+    assert calls == len(rows) and sum("conv2d" in row for row in rows) == 52
+    for row in rows:
+        index, in_order, alone, ratio, symbol = row.split()
+        assert float(in_order) > 0 and float(alone) > 0 and not symbol.startswith("vm.builtin"), row

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""How much of a model's time is the cache state the model itself leaves: each kernel timed in model order
+against the same kernel timed alone.
+
+Runs one inference with the VM's instrument hook to capture every kernel call and the tensors the VM passed
+it, then replays those calls outside the VM: ``--rounds`` times in model order (each kernel finds the caches
+as the kernels before it left them, as inside the model), and each kernel ``--rounds`` times in a row after a
+warm-up (warm caches, as MetaSchedule measures). A kernel that is much slower in order than alone is limited
+by data that the rest of the model pushed out of the caches (its weights, or an input written by another
+core), which more tuning trials cannot see.
+
+    TVM_NUM_THREADS=2 python bench/kernels_alone.py ARTIFACT [--top 15]
+
+Reads the model's VM directly (``CompiledModel._vm``): this is a diagnostic of the runtime, not a use of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+import tvmnet
+
+
+def capture_calls(model: tvmnet.CompiledModel) -> list[tuple[str, object, tuple]]:
+    """(symbol, function, arguments) of every kernel one inference calls, in order (VM builtins left out)."""
+    x = np.random.default_rng(0).random(model.inputs[0].shape, dtype=np.float32)
+    for _ in range(10):
+        model.run(x)
+    calls = []
+
+    def instrument(func, symbol: str, before: bool, _ret, *args) -> int:
+        if before and not symbol.startswith("vm.builtin"):
+            calls.append((symbol, func, args))
+        return 0  # run the call as usual
+
+    model._vm.set_instrument(instrument)
+    try:
+        model.run(x)
+    finally:
+        model._vm._set_instrument(None)
+    return calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("artifact")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--top", type=int, default=15, help="kernels to list, most time lost in order first")
+    args = parser.parse_args()
+    calls = capture_calls(tvmnet.load(args.artifact))
+    clock = time.perf_counter
+    in_order: list[list[float]] = [[] for _ in calls]
+    for _ in range(args.rounds):
+        for samples, (_symbol, func, call_args) in zip(in_order, calls):
+            start = clock()
+            func(*call_args)
+            samples.append(clock() - start)
+    alone = []
+    for _symbol, func, call_args in calls:
+        for _ in range(5):
+            func(*call_args)
+        samples = []
+        for _ in range(args.rounds):
+            start = clock()
+            func(*call_args)
+            samples.append(clock() - start)
+        alone.append(statistics.median(samples))
+    rows = [(statistics.median(o) * 1e6, a * 1e6, i, symbol)
+            for i, (o, a, (symbol, _f, _a)) in enumerate(zip(in_order, alone, calls))]
+    print(f"{len(rows)} kernel calls: {sum(r[0] for r in rows):.0f} µs in model order, "
+          f"{sum(r[1] for r in rows):.0f} µs each alone (medians of {args.rounds})")
+    print(f"{'call':>4} {'in order µs':>11} {'alone µs':>9} {'ratio':>6}  kernel")
+    for in_order_us, alone_us, index, symbol in sorted(rows, key=lambda r: r[1] - r[0])[:args.top]:
+        print(f"{index:4d} {in_order_us:11.1f} {alone_us:9.1f} {in_order_us / alone_us:6.2f}  {symbol}")
+
+
+if __name__ == "__main__":
+    main()
