@@ -236,7 +236,8 @@ def join(ort_rounds: list[dict[str, float]], tvm_rounds: list[dict[str, dict[str
     for entry in totals.values():
         entry["ratio"] = round(entry["tvmnet_us"] / entry["onnxruntime_us"], 2) if entry["onnxruntime_us"] else None
         for runtime in ("onnxruntime", "tvmnet"):  # MFLOP per µs is TFLOP/s
-            entry[f"{runtime}_gflops"] = round(entry["mflop"] / entry[f"{runtime}_us"] * 1e3, 1) if entry["mflop"] else None
+            us = entry[f"{runtime}_us"]
+            entry[f"{runtime}_gflops"] = round(entry["mflop"] / us * 1e3, 1) if entry["mflop"] and us else None
         for field in ("onnxruntime_us", "tvmnet_us", "mflop"):
             entry[field] = round(entry[field], 1)
     # what each profiler adds: the sum of its rows against the same runtime's median run without it
@@ -260,9 +261,9 @@ def markdown(result: dict[str, Any]) -> str:
              "- onnxruntime: its per-node profiler; tvmnet: `CompiledModel.profile()`. Each adds time per call, and not "
              "the same: the last two rows set each profile's sum beside the same runtime's median run without a "
              "profiler (each round times plain runs first).",
-             f"- This CPU's fp32 FMA peak on {ctx['threads']} thread(s): {peak:.0f} GFLOP/s (`bench/fma_peak.c`, the best "
-             f"of {len(ctx['fma_peak_samples'])} half-second runs, one before each round and one after; lowest "
-             f"{min(ctx['fma_peak_samples']):.0f}: {_host_note(ctx['fma_peak_samples'])}); GFLOP/s columns give each "
+             f"- This CPU's fp32 FMA peak on {ctx['threads']} thread(s): {peak:.0f} GFLOP/s (`bench/fma_peak.c`, "
+             f"the best of {len(ctx['fma_peak_samples'])} half-second runs, one before each round and one "
+             f"after; lowest {min(ctx['fma_peak_samples']):.0f}: {_host_note(ctx['fma_peak_samples'])}); GFLOP/s columns give each "
              "class's rate and its share of that peak.",
              "", "| class | MFLOP | onnxruntime µs | tvmnet µs | tvmnet / onnxruntime | onnxruntime GFLOP/s | "
              "tvmnet GFLOP/s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
