@@ -579,8 +579,13 @@ HOST_STEAL_WARN = 0.85
 """Below this fraction of the run's best FMA peak sample, another tenant had part of this VM's cores."""
 
 
+def host_was_contended(peaks: list[float]) -> bool:
+    """Whether FMA peak samples of one run show another tenant on this VM's cores."""
+    return min(peaks) < HOST_STEAL_WARN * max(peaks)
+
+
 def _host_note(peaks: list[float]) -> str:
-    if min(peaks) < HOST_STEAL_WARN * max(peaks):
+    if host_was_contended(peaks):
         return "the host took CPU time from this VM while it ran; the numbers are not clean"
     return "the host left this VM its cores"
 
@@ -748,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
             models.append(bench_model(config, entry, args, openvino_ok, fma))
     load_after = load_state()
     peaks = [peak for model in models for peak in model["fma_peak_gflops_by_round"]]
-    if min(peaks) < HOST_STEAL_WARN * max(peaks):
+    if host_was_contended(peaks):
         warnings.append(f"this CPU's FMA peak on {args.threads} thread(s), sampled before every round, ranged "
                         f"{min(peaks):.0f}-{max(peaks):.0f} GFLOP/s: {_host_note(peaks)}")
         say(warnings[-1])

@@ -2,8 +2,9 @@
  *
  * Each thread keeps 12 independent vector accumulators busy with a*b+c, enough to cover the FMA latency
  * times the FMA units of current x86 and Arm cores, so the loop is bound by FMA throughput alone.
- * Built by bench/breakdown.py with the system C compiler and -O2 -march=native (GCC and Clang contract
- * a*b+c into one FMA there); the vector width follows the widest unit -march enables.
+ * Built by FmaPeak in bench/compare.py (for compare.py and breakdown.py) with the system C compiler and
+ * -O2 -march=native (GCC and Clang contract a*b+c into one FMA there); the vector width follows the widest
+ * unit -march enables.
  *
  *     cc -O2 -march=native -pthread bench/fma_peak.c -o fma_peak && ./fma_peak 2
  *

@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 import tvmnet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import timed_calls  # noqa: E402 - the bench scripts share compare.py's helpers
 
 
 def capture_calls(model: tvmnet.CompiledModel) -> list[tuple[str, object, tuple]]:
@@ -59,16 +64,8 @@ def main() -> None:
             start = clock()
             func(*call_args)
             samples.append(clock() - start)
-    alone = []
-    for _symbol, func, call_args in calls:
-        for _ in range(5):
-            func(*call_args)
-        samples = []
-        for _ in range(args.rounds):
-            start = clock()
-            func(*call_args)
-            samples.append(clock() - start)
-        alone.append(statistics.median(samples))
+    alone = [statistics.median(timed_calls(lambda: func(*call_args), args.rounds, warmup=5))
+             for _symbol, func, call_args in calls]
     rows = [(statistics.median(o) * 1e6, a * 1e6, i, symbol)
             for i, (o, a, (symbol, _f, _a)) in enumerate(zip(in_order, alone, calls))]
     print(f"{len(rows)} kernel calls: {sum(r[0] for r in rows):.0f} µs in model order, "
