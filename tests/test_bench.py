@@ -123,3 +123,17 @@ def test_kernels_alone_replays_every_kernel_call(tiny_v2_artifact):
     for row in rows:
         index, in_order, alone, ratio, symbol = row.split()
         assert float(in_order) > 0 and float(alone) > 0 and not symbol.startswith("vm.builtin"), row
+
+
+@pytest.mark.timeout(180)
+def test_separable_fusion_probe_matches_numpy(tiny_v2_artifact):
+    """bench/separable_fusion.py's hand-fused depthwise+pointwise kernel, for a stride-1 and a stride-2 pair of
+    V2-0.25: it must compute what numpy does and replay in place of the pair."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "separable_fusion.py"), str(tiny_v2_artifact),
+                           "--pair", "32", "--pair", "5", "--rounds", "2"],
+                          capture_output=True, text=True, timeout=170, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    heads = [line for line in proc.stdout.splitlines() if line.startswith("pair ")]
+    assert [h.split(",")[2].strip() for h in heads] == ["stride 1", "stride 2"], proc.stdout
+    assert all(float(h.rsplit("max abs error ", 1)[1]) < 1e-5 for h in heads), proc.stdout
+    assert proc.stdout.count("µs fused") == 2, proc.stdout

@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""What fusing a depthwise convolution with the pointwise one it feeds would save inside the model: a probe.
+
+tvmnet's pipeline runs each depthwise and each pointwise convolution as its own kernel, so the depthwise output
+(at 112x112 and 56x56, megabytes) goes out to the caches and comes back. This script hand-schedules one kernel
+that computes the depthwise 3x3 (+ bias, ReLU) for a tile of output rows inside the parallel loop and feeds it
+straight to the pointwise 1x1 (+ bias, ReLU). It replays a tuned artifact's kernel calls in model order
+(``kernels_alone.capture_calls``), once as built and once with the fused kernel in place of a pair, and prints
+both times for each pair, plus the fused kernel timed alone.
+
+    TVM_NUM_THREADS=2 python bench/separable_fusion.py ARTIFACT --pair 2 [--pair 5] [--tile ROWS W KV KT]
+
+``--pair N`` names the depthwise kernel's call index (``kernels_alone.py --top 1000`` lists them); call N+1 must
+be the pointwise one, with no residual input. The fused kernel uses its own random weights (the artifact's are
+prepacked in each kernel's order) and ReLU after both convolutions whatever the model has there (an
+epilogue costs little next to a convolution), is checked against numpy, and writes the pair's output tensor, so the rest
+of the replay finds the caches as it would. The schedule is fixed, not searched: a measure of the lever, not a
+kernel to ship (MetaSchedule's default rules never compute a producer convolution inside its consumer's tiles;
+bench/README.md item 17).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import te
+from tvm.s_tir import Schedule
+
+import tvmnet
+from tvmnet.targets import get_target
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import timed_calls  # noqa: E402 - the bench scripts share compare.py's helpers
+from kernels_alone import capture_calls  # noqa: E402
+
+
+def define(height: int, width: int, channels: int, outputs: int, stride: int) -> tvm.tirx.PrimFunc:
+    """NHWC depthwise 3x3 (pad 1, ``stride``) + bias + ReLU, then 1x1 to ``outputs`` channels + bias + ReLU."""
+    out_h, out_w = height // stride, width // stride
+    data = te.placeholder((1, height, width, channels), name="data")
+    dw_weight = te.placeholder((3, 3, channels), name="dw_weight")
+    dw_bias = te.placeholder((channels,), name="dw_bias")
+    pw_weight = te.placeholder((channels, outputs), name="pw_weight")
+    pw_bias = te.placeholder((outputs,), name="pw_bias")
+    pad = te.compute((1, height + 2, width + 2, channels), lambda n, h, w, c: tvm.tirx.if_then_else(
+        tvm.tirx.all(h >= 1, h <= height, w >= 1, w <= width), data[n, h - 1, w - 1, c], 0.0), name="pad")
+    # the nine taps written out (a spatial block, not a reduction), so that the channel loop vectorizes
+    mid = te.compute((1, out_h, out_w, channels), lambda n, h, w, c: te.max(sum(
+        pad[n, h * stride + ry, w * stride + rx, c] * dw_weight[ry, rx, c] for ry in range(3) for rx in range(3))
+        + dw_bias[c], 0.0), name="mid")
+    rc = te.reduce_axis((0, channels), "rc")
+    pw = te.compute((1, out_h, out_w, outputs), lambda n, h, w, k: te.sum(mid[n, h, w, rc] * pw_weight[rc, k], axis=rc),
+                    name="pw")
+    out = te.compute((1, out_h, out_w, outputs), lambda n, h, w, k: te.max(pw[n, h, w, k] + pw_bias[k], 0.0),
+                     name="out")
+    return te.create_prim_func([data, dw_weight, dw_bias, pw_weight, pw_bias, out])
+
+
+def schedule(func: tvm.tirx.PrimFunc, rows: int, width_tile: int, vector: int, out_tile: int) -> tvm.IRModule:
+    """Parallel over tiles of ``rows`` output rows; per tile, the padded input rows, then the depthwise
+    output (vectorized over channels), then the pointwise one in register tiles of ``width_tile`` pixels by
+    ``vector`` channels, ``out_tile`` output channels at a time."""
+    sch = Schedule(func)
+    pw, out, mid, pad = (sch.get_sblock(name) for name in ("pw", "out", "mid", "pad"))
+    n, h, w, k, rc = sch.get_loops(pw)
+    h0, h1 = sch.split(h, [None, rows])
+    w0, w1 = sch.split(w, [None, width_tile])
+    k0, k1, k2 = sch.split(k, [None, out_tile // vector, vector])
+    sch.reorder(h0, k0, h1, w0, k1, rc, w1, k2)
+    sch.parallel(sch.fuse(n, h0))
+    sch.vectorize(k2)
+    sch.unroll(w1)
+    init = sch.decompose_reduction(pw, rc)
+    sch.reverse_compute_at(out, w0)
+    sch.vectorize(sch.get_loops(out)[-1])
+    sch.compute_at(mid, sch.get_loops(init)[1])
+    sch.vectorize(sch.get_loops(mid)[-1])
+    sch.compute_at(pad, sch.get_loops(mid)[1])  # the tile's padded rows: the taps need no bounds checks
+    sch.vectorize(sch.get_loops(pad)[-1])
+    return sch.mod
+
+
+def reference(data, dw_weight, dw_bias, pw_weight, pw_bias, stride: int) -> np.ndarray:
+    height, width = data.shape[1:3]
+    padded = np.pad(data, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    dw = sum(padded[:, ry:ry + height:stride, rx:rx + width:stride, :] * dw_weight[ry, rx]
+             for ry in range(3) for rx in range(3))
+    return np.maximum(np.maximum(dw + dw_bias, 0) @ pw_weight + pw_bias, 0)
+
+
+def default_tile(outputs: int) -> list[int]:
+    vector = 16 if outputs % 16 == 0 else 8
+    return [2, 4, vector, 64 if outputs % 64 == 0 else outputs]
+
+
+def probe(calls: list, pair: int, rounds: int, tile: list[int] | None) -> None:
+    dw_call, pw_call = calls[pair], calls[pair + 1]
+    if len(dw_call[2]) != 4 or len(pw_call[2]) != 4:
+        raise SystemExit(f"calls {pair} and {pair + 1} ({dw_call[0]}, {pw_call[0]}) are not a depthwise kernel and a "
+                         "pointwise one without a residual input: pick another --pair")
+    data, output = dw_call[2][0], pw_call[2][-1]
+    _, height, width, channels = data.shape
+    outputs = output.shape[-1]
+    stride = height // dw_call[2][-1].shape[1]
+    tile = tile or default_tile(outputs)
+    rng = np.random.default_rng(0)
+    weights = [(rng.standard_normal(shape) * 0.1).astype("float32")
+               for shape in [(3, 3, channels), (channels,), (channels, outputs), (outputs,)]]
+    mod = schedule(define(height, width, channels, outputs, stride), *tile)
+    fused = tvm.compile(tvm.IRModule({"main": mod["main"]}), target=get_target("x86").tvm_target())["main"]
+    device_weights = [tvm.runtime.tensor(w) for w in weights]
+    check = tvm.runtime.tensor(np.zeros(output.shape, "float32"))
+    fused(data, *device_weights, check)
+    error = float(np.abs(check.numpy() - reference(data.numpy(), *weights, stride)).max())
+    clock = time.perf_counter
+    as_built: list[list[float]] = [[], []]
+    fused_times: list[float] = []
+    for _ in range(rounds):
+        for index, (_symbol, func, args) in enumerate(calls):  # as built
+            start = clock()
+            func(*args)
+            if index in (pair, pair + 1):
+                as_built[index - pair].append(clock() - start)
+        for index, (_symbol, func, args) in enumerate(calls):  # the fused kernel in place of the pair
+            if index == pair:
+                start = clock()
+                fused(data, *device_weights, output)
+                fused_times.append(clock() - start)
+            elif index != pair + 1:
+                func(*args)
+    alone = timed_calls(lambda: fused(data, *device_weights, check), rounds, warmup=5)
+    us = [statistics.median(samples) * 1e6 for samples in (*as_built, fused_times, alone)]
+    print(f"pair {pair}: {dw_call[0]} + {pw_call[0]}, {height}x{width}x{channels} -> {outputs} channels, "
+          f"stride {stride}, tile {' '.join(map(str, tile))}: max abs error {error:.1e}")
+    print(f"  in model order: {us[0]:.1f} + {us[1]:.1f} = {us[0] + us[1]:.1f} µs as built, {us[2]:.1f} µs fused "
+          f"({us[2] / (us[0] + us[1]):.2f}x); fused alone {us[3]:.1f} µs (medians of {rounds})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("artifact")
+    parser.add_argument("--pair", type=int, action="append", required=True,
+                        help="call index of a depthwise kernel whose next call is its pointwise one (repeatable)")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--tile", type=int, nargs=4, metavar=("ROWS", "W", "KV", "KT"),
+                        help="rows per parallel task, pixels x vector lanes per register tile, output channels per "
+                             "pass (default 2 4 16|8 64|all)")
+    args = parser.parse_args()
+    calls = capture_calls(tvmnet.load(args.artifact))
+    for pair in args.pair:
+        probe(calls, pair, args.rounds, args.tile)
+
+
+if __name__ == "__main__":
+    main()
