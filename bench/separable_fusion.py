@@ -14,9 +14,10 @@ both times for each pair, plus the fused kernel timed alone.
 be the pointwise one, with no residual input. The fused kernel uses its own random weights (the artifact's are
 prepacked in each kernel's order) and ReLU after both convolutions whatever the model has there (an
 epilogue costs little next to a convolution), is checked against numpy, and writes the pair's output tensor, so the rest
-of the replay finds the caches as it would. The schedule is fixed, not searched: a measure of the lever, not a
-kernel to ship (MetaSchedule's default rules never compute a producer convolution inside its consumer's tiles;
-bench/README.md item 17).
+of the replay finds the caches as it would. The loop structure is fixed; its tile sizes are ``--tile`` or, with
+``--trials N``, the fastest of N candidates MetaSchedule measures alone. A measure of the lever, not a kernel to
+ship (MetaSchedule's default rules never compute a producer convolution inside its consumer's tiles; bench/
+README.md item 17).
 """
 
 from __future__ import annotations
@@ -62,16 +63,15 @@ def define(height: int, width: int, channels: int, outputs: int, stride: int) ->
     return te.create_prim_func([data, dw_weight, dw_bias, pw_weight, pw_bias, out])
 
 
-def schedule(func: tvm.tirx.PrimFunc, rows: int, width_tile: int, vector: int, out_tile: int) -> tvm.IRModule:
-    """Parallel over tiles of ``rows`` output rows; per tile, the padded input rows, then the depthwise
-    output (vectorized over channels), then the pointwise one in register tiles of ``width_tile`` pixels by
-    ``vector`` channels, ``out_tile`` output channels at a time."""
-    sch = Schedule(func)
+def _fuse_pair(sch: Schedule, rows, width_tile, out_blocks, vector: int) -> None:
+    """Parallel over tiles of ``rows`` output rows; per tile, the padded input rows, then the depthwise output
+    (vectorized over channels), then the pointwise one in register tiles of ``width_tile`` pixels by ``vector``
+    channels, ``out_blocks`` vectors of output channels at a time. The sizes are ints or sampled variables."""
     pw, out, mid, pad = (sch.get_sblock(name) for name in ("pw", "out", "mid", "pad"))
     n, h, w, k, rc = sch.get_loops(pw)
     h0, h1 = sch.split(h, [None, rows])
     w0, w1 = sch.split(w, [None, width_tile])
-    k0, k1, k2 = sch.split(k, [None, out_tile // vector, vector])
+    k0, k1, k2 = sch.split(k, [None, out_blocks, vector])
     sch.reorder(h0, k0, h1, w0, k1, rc, w1, k2)
     sch.parallel(sch.fuse(n, h0))
     sch.vectorize(k2)
@@ -83,7 +83,55 @@ def schedule(func: tvm.tirx.PrimFunc, rows: int, width_tile: int, vector: int, o
     sch.vectorize(sch.get_loops(mid)[-1])
     sch.compute_at(pad, sch.get_loops(mid)[1])  # the tile's padded rows: the taps need no bounds checks
     sch.vectorize(sch.get_loops(pad)[-1])
+
+
+def schedule(func: tvm.tirx.PrimFunc, rows: int, width_tile: int, vector: int, out_tile: int) -> tvm.IRModule:
+    """The fused structure with fixed tile sizes (``--tile``)."""
+    sch = Schedule(func)
+    _fuse_pair(sch, rows, width_tile, out_tile // vector, vector)
     return sch.mod
+
+
+def _sampled_tiles(sch: Schedule) -> None:
+    """The fused structure with each tile size drawn from the divisors of its loop (rows and pixels 2-8, so
+    that no loop of extent 1 changes the loop nest between candidates): the space ``--trials`` searches."""
+    pw = sch.get_sblock("pw")
+    _n, h, w, k, _rc = (int(sch.get(loop).extent) for loop in sch.get_loops(pw))
+    vector = _vector(k)
+
+    def divisor(extent: int, low: int, high: int):
+        options = [f for f in range(low, high + 1) if extent % f == 0] or [extent]
+        return sch.sample_categorical(options, [1.0 / len(options)] * len(options))
+
+    _fuse_pair(sch, divisor(h, 2, 8), divisor(w, 2, 8), divisor(k // vector, 1, 8), vector)
+
+
+def search(func: tvm.tirx.PrimFunc, trials: int) -> tvm.IRModule:
+    """The fastest of ``trials`` candidates of :func:`_sampled_tiles`, measured alone by MetaSchedule with the
+    builder and runner ``tvmnet tune`` uses."""
+    import shutil
+    import tempfile
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvmnet import tune
+
+    spec = get_target("x86")
+    target = spec.tvm_target()
+    mod = tvm.IRModule({"main": func})
+    work_dir = tempfile.mkdtemp(prefix="tvmnet-fusion-")
+    try:
+        runner, _name = tune.make_runner(spec, rpc_tracker=None, rpc_key=None, timeout_s=60, number=3, repeat=1,
+                                         min_repeat_ms=100)
+        database = ms.tune_tir(mod, target, work_dir, max_trials_global=trials, num_trials_per_iter=16,
+                               builder=tune.make_builder(spec, 120, 2), runner=runner,
+                               space=ms.space_generator.ScheduleFn(_sampled_tiles), strategy="replay-trace")
+        best = ms.tir_integration.compile_tir(database, mod, target)
+        if best is None:
+            raise SystemExit(f"none of the {trials} fused candidates built and ran: see MetaSchedule's log above")
+        return best.mod
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def reference(data, dw_weight, dw_bias, pw_weight, pw_bias, stride: int) -> np.ndarray:
@@ -94,12 +142,15 @@ def reference(data, dw_weight, dw_bias, pw_weight, pw_bias, stride: int) -> np.n
     return np.maximum(np.maximum(dw + dw_bias, 0) @ pw_weight + pw_bias, 0)
 
 
+def _vector(outputs: int) -> int:
+    return 16 if outputs % 16 == 0 else 8
+
+
 def default_tile(outputs: int) -> list[int]:
-    vector = 16 if outputs % 16 == 0 else 8
-    return [2, 4, vector, 64 if outputs % 64 == 0 else outputs]
+    return [2, 4, _vector(outputs), 64 if outputs % 64 == 0 else outputs]
 
 
-def probe(calls: list, pair: int, rounds: int, tile: list[int] | None) -> None:
+def probe(calls: list, pair: int, rounds: int, tile: list[int] | None, trials: int = 0) -> None:
     dw_call, pw_call = calls[pair], calls[pair + 1]
     if len(dw_call[2]) != 4 or len(pw_call[2]) != 4:
         raise SystemExit(f"calls {pair} and {pair + 1} ({dw_call[0]}, {pw_call[0]}) are not a depthwise kernel and a "
@@ -112,7 +163,8 @@ def probe(calls: list, pair: int, rounds: int, tile: list[int] | None) -> None:
     rng = np.random.default_rng(0)
     weights = [(rng.standard_normal(shape) * 0.1).astype("float32")
                for shape in [(3, 3, channels), (channels,), (channels, outputs), (outputs,)]]
-    mod = schedule(define(height, width, channels, outputs, stride), *tile)
+    func = define(height, width, channels, outputs, stride)
+    mod = search(func, trials) if trials else schedule(func, *tile)
     fused = tvm.compile(tvm.IRModule({"main": mod["main"]}), target=get_target("x86").tvm_target())["main"]
     device_weights = [tvm.runtime.tensor(w) for w in weights]
     check = tvm.runtime.tensor(np.zeros(output.shape, "float32"))
@@ -137,7 +189,8 @@ def probe(calls: list, pair: int, rounds: int, tile: list[int] | None) -> None:
     alone = timed_calls(lambda: fused(data, *device_weights, check), rounds, warmup=5)
     us = [statistics.median(samples) * 1e6 for samples in (*as_built, fused_times, alone)]
     print(f"pair {pair}: {dw_call[0]} + {pw_call[0]}, {height}x{width}x{channels} -> {outputs} channels, "
-          f"stride {stride}, tile {' '.join(map(str, tile))}: max abs error {error:.1e}")
+          f"stride {stride}, {f'tiles searched ({trials} trials)' if trials else 'tile ' + ' '.join(map(str, tile))}: "
+          f"max abs error {error:.1e}")
     print(f"  in model order: {us[0]:.1f} + {us[1]:.1f} = {us[0] + us[1]:.1f} µs as built, {us[2]:.1f} µs fused "
           f"({us[2] / (us[0] + us[1]):.2f}x); fused alone {us[3]:.1f} µs (medians of {rounds})")
 
@@ -151,10 +204,12 @@ def main() -> None:
     parser.add_argument("--tile", type=int, nargs=4, metavar=("ROWS", "W", "KV", "KT"),
                         help="rows per parallel task, pixels x vector lanes per register tile, output channels per "
                              "pass (default 2 4 16|8 64|all)")
+    parser.add_argument("--trials", type=int, default=0,
+                        help="search the tile sizes with MetaSchedule for this many candidates instead of --tile")
     args = parser.parse_args()
     calls = capture_calls(tvmnet.load(args.artifact))
     for pair in args.pair:
-        probe(calls, pair, args.rounds, args.tile)
+        probe(calls, pair, args.rounds, args.tile, args.trials)
 
 
 if __name__ == "__main__":
