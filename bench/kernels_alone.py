@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -50,6 +51,22 @@ def capture_calls(model: tvmnet.CompiledModel) -> list[tuple[str, object, tuple]
     return calls
 
 
+def replay_in_order(calls: list[tuple[str, object, tuple]], samples: list[list[float]],
+                    instead: Mapping[int, Callable[[], object] | None] | None = None) -> None:
+    """Run one inference's ``calls`` once, in model order, appending each call's seconds to its list in
+    ``samples``. ``instead[i]`` runs in call i's place (None: call i is left out and gets no sample)."""
+    instead = instead or {}
+    clock = time.perf_counter
+    for index, (_symbol, func, call_args) in enumerate(calls):
+        if index in instead:
+            if instead[index] is None:
+                continue
+            func, call_args = instead[index], ()
+        start = clock()
+        func(*call_args)
+        samples[index].append(clock() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("artifact")
@@ -57,13 +74,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15, help="kernels to list, most time lost in order first")
     args = parser.parse_args()
     calls = capture_calls(tvmnet.load(args.artifact))
-    clock = time.perf_counter
     in_order: list[list[float]] = [[] for _ in calls]
     for _ in range(args.rounds):
-        for samples, (_symbol, func, call_args) in zip(in_order, calls):
-            start = clock()
-            func(*call_args)
-            samples.append(clock() - start)
+        replay_in_order(calls, in_order)
     alone = [statistics.median(timed_calls(lambda: func(*call_args), args.rounds, warmup=5))
              for _symbol, func, call_args in calls]
     rows = [(statistics.median(o) * 1e6, a * 1e6, i, symbol)

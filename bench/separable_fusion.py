@@ -23,9 +23,9 @@ README.md item 17).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from tvmnet.targets import get_target
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import timed_calls  # noqa: E402 - the bench scripts share compare.py's helpers
-from kernels_alone import capture_calls  # noqa: E402
+from kernels_alone import capture_calls, replay_in_order  # noqa: E402
 
 
 def define(height: int, width: int, channels: int, outputs: int, stride: int) -> tvm.tirx.PrimFunc:
@@ -165,29 +165,20 @@ def probe(calls: list, pair: int, rounds: int, tile: list[int] | None, trials: i
                for shape in [(3, 3, channels), (channels,), (channels, outputs), (outputs,)]]
     func = define(height, width, channels, outputs, stride)
     mod = search(func, trials) if trials else schedule(func, *tile)
-    fused = tvm.compile(tvm.IRModule({"main": mod["main"]}), target=get_target("x86").tvm_target())["main"]
+    fused = tvm.compile(mod, target=get_target("x86").tvm_target())["main"]
     device_weights = [tvm.runtime.tensor(w) for w in weights]
     check = tvm.runtime.tensor(np.zeros(output.shape, "float32"))
     fused(data, *device_weights, check)
     error = float(np.abs(check.numpy() - reference(data.numpy(), *weights, stride)).max())
-    clock = time.perf_counter
-    as_built: list[list[float]] = [[], []]
-    fused_times: list[float] = []
-    for _ in range(rounds):
-        for index, (_symbol, func, args) in enumerate(calls):  # as built
-            start = clock()
-            func(*args)
-            if index in (pair, pair + 1):
-                as_built[index - pair].append(clock() - start)
-        for index, (_symbol, func, args) in enumerate(calls):  # the fused kernel in place of the pair
-            if index == pair:
-                start = clock()
-                fused(data, *device_weights, output)
-                fused_times.append(clock() - start)
-            elif index != pair + 1:
-                func(*args)
+    run_fused = functools.partial(fused, data, *device_weights, output)  # writes the pair's output tensor
+    as_built: list[list[float]] = [[] for _ in calls]
+    with_fused: list[list[float]] = [[] for _ in calls]
+    for _ in range(rounds):  # alternating, one inference each
+        replay_in_order(calls, as_built)
+        replay_in_order(calls, with_fused, {pair: run_fused, pair + 1: None})
     alone = timed_calls(lambda: fused(data, *device_weights, check), rounds, warmup=5)
-    us = [statistics.median(samples) * 1e6 for samples in (*as_built, fused_times, alone)]
+    us = [statistics.median(samples) * 1e6
+          for samples in (as_built[pair], as_built[pair + 1], with_fused[pair], alone)]
     print(f"pair {pair}: {dw_call[0]} + {pw_call[0]}, {height}x{width}x{channels} -> {outputs} channels, "
           f"stride {stride}, {f'tiles searched ({trials} trials)' if trials else 'tile ' + ' '.join(map(str, tile))}: "
           f"max abs error {error:.1e}")
