@@ -10,8 +10,6 @@ by data that the rest of the model pushed out of the caches (its weights, or an 
 core), which more tuning trials cannot see.
 
     TVM_NUM_THREADS=2 python bench/kernels_alone.py ARTIFACT [--top 15]
-
-Reads the model's VM directly (``CompiledModel._vm``): this is a diagnostic of the runtime, not a use of it.
 """
 
 from __future__ import annotations
@@ -43,11 +41,8 @@ def capture_calls(model: tvmnet.CompiledModel) -> list[tuple[str, object, tuple]
             calls.append((symbol, func, args))
         return 0  # run the call as usual
 
-    model._vm.set_instrument(instrument)
-    try:
+    with model.instrumented(instrument):
         model.run(x)
-    finally:
-        model._vm._set_instrument(None)
     return calls
 
 

@@ -6,6 +6,7 @@ where only TVM's runtime is installed. Every input is checked against the manife
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import sys
@@ -14,7 +15,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -266,15 +267,23 @@ class CompiledModel:
                 current[symbol] = (calls + 1, seconds + now - started[symbol])
             return 0  # VMInstrumentReturnKind.NO_OP: run the call as usual
 
-        self._vm.set_instrument(instrument)
-        try:
+        with self.instrumented(instrument):
             for _ in range(runs):
                 current = {}
                 self._vm["main"](*args)
                 per_run.append(current)
+        return per_run
+
+    @contextlib.contextmanager
+    def instrumented(self, hook: Callable[..., int]) -> Iterator[None]:
+        """Inside the block, every call the VM makes runs ``hook(func, symbol, before, ret, *args)`` before
+        and after it (TVM's VM instrument; return 0 to run the call as usual): what ``profile`` and the
+        bench/ diagnostics build on. The hook is cleared on leaving, however the block ends."""
+        self._vm.set_instrument(hook)
+        try:
+            yield
         finally:
             self._vm._set_instrument(None)  # the public setter refuses None; this clears it
-        return per_run
 
     def _time_main(self, arrays: list[np.ndarray], *, number: int, repeat: int, warmup: int) -> list[float]:
         """Seconds per call of ``main``, one sample per repeat, timed where the model runs."""
