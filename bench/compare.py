@@ -668,7 +668,7 @@ def markdown(result: dict[str, Any]) -> str:
                     if row.get("input_read_in_place") is not None}
         if in_place:
             notes.append(f"- {model['model']}: tvmnet's input " + ", ".join(
-                f"{runtime} {'read in place (64-byte aligned)' if flag else 'copied (not 64-byte aligned)'}"
+                f"{runtime} {'read in place' if flag else 'copied (not aligned as its kernels need)'}"
                 for runtime, flag in in_place.items()))
         for runtime, why in model["skipped"].items():
             lines.append(f"| {model['model']} | {runtime} | – | – | – | – | – | – | {why} |")

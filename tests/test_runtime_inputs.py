@@ -3,13 +3,16 @@ read-only arrays, non-array inputs, byte order, missing inputs. All before TVM s
 
 from __future__ import annotations
 
+import json
+import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import tvmnet
-from tvmnet.errors import InputError
+from tvmnet.errors import ArtifactError, InputError
 
 SHAPE = (1, 3, 96, 96)
 
@@ -76,13 +79,40 @@ def _at_offset(x: np.ndarray, offset_bytes: int) -> np.ndarray:
     return y
 
 
-@pytest.mark.parametrize("offset", [0, 4, 16, 32])
-def test_aligned_and_misaligned_arrays_give_the_same_result(model, x, offset):
-    """A 64-byte aligned array runs in place (no copy), any other is copied: TVM's kernels assume the
-    alignment, and a misaligned tensor handed to them crashed the process. Both give the same output, and
-    a run in place still sees a change the caller made to its array between runs."""
+def _with_manifest(artifact: Path, tmp_path: Path, edit) -> Path:
+    """A copy of ``artifact`` whose manifest ``edit`` changed."""
+    copy = Path(shutil.copytree(artifact, tmp_path / "edited"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_an_artifact_that_does_not_state_its_input_alignment_reads_only_64_byte_aligned_arrays_in_place(
+        tiny_v2_artifact, x, tmp_path):
+    """Artifacts compiled before tvmnet recorded ``input_alignment`` have kernels that assume 64 bytes."""
+    older = tvmnet.load(_with_manifest(tiny_v2_artifact, tmp_path, lambda m: m["library"].pop("input_alignment")))
+    assert [older.reads_in_place(_at_offset(x, offset)) for offset in (0, 4, 16)] == [True, False, False]
+    assert older.run(_at_offset(x, 16)).tobytes() == older.run(x).tobytes()
+
+
+@pytest.mark.parametrize("value", [0, 3, 128, "4", True])
+def test_a_bad_input_alignment_in_the_manifest_is_refused(tiny_v2_artifact, tmp_path, value):
+    edited = _with_manifest(tiny_v2_artifact, tmp_path, lambda m: m["library"].update(input_alignment=value))
+    with pytest.raises(ArtifactError, match="library.input_alignment .* is not a power of two from 1 to 64; "
+                                            "recompile the artifact"):
+        tvmnet.load(edited)
+
+
+@pytest.mark.parametrize("offset", [0, 4, 16, 32, 60, 2])
+def test_arrays_at_any_alignment_give_the_same_result(model, x, offset):
+    """Any float32-aligned array runs in place (no copy): tvmnet builds the kernels that read the input to
+    assume only the element size (TVM's 64-byte assumption crashed this model's first kernel on numpy's
+    16-byte aligned arrays before). An array not even aligned to its element size is copied. All give the
+    same output, and a run in place still sees a change the caller made to its array between runs."""
+    assert model.manifest["library"]["input_alignment"] == 4
     y = _at_offset(x, offset)
-    assert model.reads_in_place(y) == (offset == 0)
+    assert model.reads_in_place(y) == (offset % 4 == 0)
     reference = model.run(x)
     assert model.run(y).tobytes() == reference.tobytes()
     y *= 2.0
@@ -167,3 +197,26 @@ def test_a_model_with_two_outputs_returns_both_in_order(tmp_path):
     again = compiled.run(-x)
     np.testing.assert_array_equal(got[1], -x)  # an output already returned is the caller's own copy
     np.testing.assert_array_equal(again[0], np.maximum(-x, 0))
+    # the input goes to two kernels; both were built to read it at any float32 alignment
+    assert compiled.manifest["library"]["input_alignment"] == 4
+    moved = _at_offset(x, 4)
+    assert compiled.reads_in_place(moved)
+    for mine, reference in zip(compiled.run(moved), got):
+        np.testing.assert_array_equal(mine, reference)
+
+
+def test_an_input_used_other_than_by_kernels_keeps_the_64_byte_alignment(tmp_path):
+    """Where the VM hands an input on as it is (here ONNX Identity returns it), kernels TVM built to assume
+    64 bytes may read it later, so the artifact says 64 and misaligned arrays are copied."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])])
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx_model.ir_version = 8
+    compiled = tvmnet.load(tvmnet.compile(onnx_model, output=tmp_path / "identity", target="x86"))
+    assert compiled.manifest["library"]["input_alignment"] == 64
+    x = np.arange(8, dtype="float32").reshape(1, 8)
+    assert not compiled.reads_in_place(_at_offset(x, 4))
+    np.testing.assert_array_equal(compiled.run(_at_offset(x, 4)), x)

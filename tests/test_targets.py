@@ -108,9 +108,9 @@ def build(target: str, tmp_root: Path, model: dict) -> tuple[Path, object]:
         real_build = pipeline.build
 
         def capturing_build(*args, **kwargs):
-            executable, report = real_build(*args, **kwargs)
-            captured["executable"] = executable
-            return executable, report
+            built = real_build(*args, **kwargs)
+            captured["executable"] = built.executable
+            return built
 
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(pipeline, "build", capturing_build)

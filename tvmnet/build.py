@@ -157,7 +157,8 @@ def compile(  # noqa: A001 - the public name users expect: tvmnet.compile
     fused = pipeline.fuse(mod, tvm_target)
     database, tuning_logs = _load_database(tuning_logs, fused, spec, warn=say)
     say("building")
-    executable, report = pipeline.build(fused, tvm_target, database)
+    built = pipeline.build(fused, tvm_target, database)
+    report = built.schedules
     if database is not None:
         say(f"tuned schedules: {len(report.tuned)} of {report.total} functions ({len(report.fallback)} fallback)")
 
@@ -166,7 +167,7 @@ def compile(  # noqa: A001 - the public name users expect: tvmnet.compile
         library = staging / LIBRARY_NAME
         say(f"linking {LIBRARY_NAME}" + (f" with {spec.cross_compiler.cc}" if spec.cross_compiler else ""))
         try:
-            executable.export_library(str(library), fcompile=fcompile)
+            built.executable.export_library(str(library), fcompile=fcompile)
         except Exception as exc:
             raise ArtifactError(f"linking {LIBRARY_NAME} failed: {str(exc).strip().splitlines()[-1]}") from None
         (staging / MODEL_NAME).write_bytes(imported.source_bytes)
@@ -189,7 +190,8 @@ def compile(  # noqa: A001 - the public name users expect: tvmnet.compile
                 "verified": spec.verified,
                 "rpc_key": spec.rpc_key or None,
             },
-            "library": {"file": LIBRARY_NAME, "sha256": sha256_file(library)},
+            "library": {"file": LIBRARY_NAME, "sha256": sha256_file(library),
+                        "input_alignment": built.input_alignment},
             "model": {"file": MODEL_NAME, "sha256": sha256_file(staging / MODEL_NAME)},
             "preprocessing": preprocessing_to_json(pre) if pre else None,
             "labels": label_list,

@@ -24,6 +24,8 @@ LIBRARY_NAME = "model.so"
 MODEL_NAME = "model.onnx"
 FORMAT_VERSION = 1
 """Bumped when the manifest's meaning changes; the runtime refuses other versions."""
+TVM_ALIGNMENT = 64
+"""Bytes TVM's generated kernels assume a tensor's data is aligned to, unless built to assume less."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,17 @@ def check_tvm_version(artifact: Path, manifest: dict[str, Any], installed: str) 
             "loading it anyway)",
             stacklevel=3,
         )
+
+
+def input_alignment(manifest: dict[str, Any]) -> int:
+    """Bytes the artifact's kernels need an input array's data aligned to for reading it in place
+    (``library.input_alignment``; artifacts that do not say need TVM's 64)."""
+    value = manifest["library"].get("input_alignment", TVM_ALIGNMENT)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value > TVM_ALIGNMENT \
+            or value & (value - 1):
+        raise ArtifactError(f"the manifest's library.input_alignment {value!r} is not a power of two from 1 to "
+                            f"{TVM_ALIGNMENT}; recompile the artifact")
+    return value
 
 
 def tensor_specs(entries: list[dict[str, Any]]) -> list[TensorSpec]:

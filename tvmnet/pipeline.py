@@ -14,11 +14,14 @@ late layers: bench/README.md has the measurements. GPU targets keep NCHW: their 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
 import tvm
 from tvm import relax
+
+from .manifest import TVM_ALIGNMENT
 
 GPU_DEVICES = ("cuda", "opencl")
 
@@ -203,8 +206,94 @@ def lower(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         return tvm.transform.Sequential(passes)(mod)
 
 
-def build(mod: tvm.IRModule, target: tvm.target.Target, database=None) -> tuple[relax.Executable, ScheduleReport]:
+INPUT_CHECKS = ("vm.builtin.check_tensor_info", "vm.builtin.match_shape")
+"""The VM builtins the lowered ``main`` calls on an input besides its kernels: they read shape and dtype only."""
+
+
+def _input_uses(mod: tvm.IRModule) -> dict[int, list[tuple[relax.GlobalVar, int]]] | None:
+    """For each input of the lowered ``main``, the (kernel, argument position) pairs it is handed to
+    directly; None if any input is used any other way (a view, a tuple, a subroutine, returned as is)."""
+    params = list(mod["main"].params)
+    kernels: dict[int, list[tuple[relax.GlobalVar, int]]] = {i: [] for i in range(len(params))}
+    seen = [0] * len(params)
+    accounted = [0] * len(params)
+
+    def position(expr: relax.Expr) -> int | None:
+        return next((i for i, param in enumerate(params) if expr.same_as(param)), None)
+
+    def visit(expr: relax.Expr) -> None:
+        if isinstance(expr, relax.Var) and (i := position(expr)) is not None:
+            seen[i] += 1
+        elif isinstance(expr, relax.Call):
+            kernel = isinstance(expr.op, relax.GlobalVar) and isinstance(mod[expr.op], tvm.tirx.PrimFunc)
+            check = isinstance(expr.op, relax.ExternFunc) and expr.op.global_symbol in INPUT_CHECKS
+            for arg_index, arg in enumerate(expr.args):
+                if (i := position(arg)) is not None and (kernel or check):
+                    accounted[i] += 1
+                    if kernel:
+                        kernels[i].append((expr.op, arg_index))
+
+    relax.analysis.post_order_visit(mod["main"].body, visit)
+    return kernels if seen == accounted else None
+
+
+def _with_param_alignment(func: tvm.tirx.PrimFunc, index: int, alignment: int) -> tvm.tirx.PrimFunc | None:
+    """``func`` with parameter ``index``'s buffer declared ``alignment``-byte aligned (None if that
+    parameter is not a buffer). TVM's API cannot re-type a buffer variable (``specialize`` refuses another
+    alignment), so this edits the serialized IR, where the parameter and every use of it share one type node."""
+    graph = json.loads(tvm.ir.save_json(func))
+    nodes = graph["nodes"]
+    params = nodes[nodes[graph["root_index"]]["data"]["params"]]["data"]
+    if index >= len(params):
+        return None
+    buffer_type = nodes[nodes[params[index]]["data"]["ty"]]
+    if buffer_type["type"] != "tirx.BufferType":
+        return None
+    buffer_type["data"]["data_alignment"] = alignment
+    return tvm.ir.load_json(json.dumps(graph))
+
+
+def accept_unaligned_inputs(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, int]:
+    """Let the kernels that read the model's inputs take them at any address aligned to their element size;
+    return the lowered module and the alignment in bytes the inputs now need (the manifest records it).
+
+    TVM's kernels assume 64-byte aligned tensors (and may use aligned vector loads: a misaligned input
+    crashed MobileNetV2's first kernel here), while numpy aligns large arrays to 16 bytes, so the runtime
+    copied almost every caller's array into a tensor of its own first. Declaring the input buffers of the
+    kernels ``main`` hands the inputs to as element-aligned lets it pass the caller's array as it is. That
+    is safe only if those kernels are the only readers: when an input is used any other way, or on GPU
+    targets (whose inputs are copied to the device anyway), the module stays as it is and 64 is returned."""
+    params = list(mod["main"].params)
+    if _is_gpu(target) or not params or not all(isinstance(p.ty, relax.TensorType) for p in params):
+        return mod, TVM_ALIGNMENT
+    uses = _input_uses(mod)
+    if uses is None:
+        return mod, TVM_ALIGNMENT
+    itemsizes = [tvm.runtime.DataType(str(param.ty.dtype)).itemsize for param in params]
+    relaxed: dict[relax.GlobalVar, tvm.tirx.PrimFunc] = {}
+    for i, kernels in uses.items():
+        for gv, index in kernels:
+            func = _with_param_alignment(relaxed.get(gv, mod[gv]), index, itemsizes[i])
+            if func is None:
+                return mod, TVM_ALIGNMENT
+            relaxed[gv] = func
+    for gv, func in relaxed.items():
+        mod.update_func(gv, func)
+    return mod, max(itemsizes)
+
+
+@dataclass
+class Built:
+    """A VM executable, which fused functions got tuned schedules, and the input alignment its kernels need."""
+
+    executable: relax.Executable
+    schedules: ScheduleReport
+    input_alignment: int
+
+
+def build(mod: tvm.IRModule, target: tvm.target.Target, database=None) -> Built:
     """Fused module -> VM executable, with tuned schedules applied where available."""
     scheduled, report = schedule(mod, target, database)
-    executable = relax.build(lower(scheduled, target), target=target, relax_pipeline=None)
-    return executable, report
+    lowered, alignment = accept_unaligned_inputs(lower(scheduled, target), target)
+    executable = relax.build(lowered, target=target, relax_pipeline=None)
+    return Built(executable=executable, schedules=report, input_alignment=alignment)

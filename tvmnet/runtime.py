@@ -25,6 +25,7 @@ from .manifest import (
     TensorSpec,
     check_tvm_version,
     host_arch,
+    input_alignment,
     preprocessing_from_json,
     read_manifest,
     sha256_file,
@@ -33,8 +34,6 @@ from .manifest import (
 
 
 THREADS_ENV = "TVM_NUM_THREADS"
-TVM_ALIGNMENT = 64
-"""Bytes TVM's generated kernels assume an input tensor's data is aligned to."""
 CPU_DEVICE_TYPE = 1
 """DLPack's device type of the host CPU (``kDLCPU``)."""
 
@@ -138,6 +137,7 @@ class CompiledModel:
         self._input_tensors: list[Any] | None = None
         self._input_views: list[np.ndarray] = []
         self._on_cpu = device.dlpack_device_type() == CPU_DEVICE_TYPE
+        self._input_alignment = input_alignment(manifest)
         self._main: Any = None
 
     def __repr__(self) -> str:
@@ -165,14 +165,14 @@ class CompiledModel:
     def reads_in_place(self, array: np.ndarray) -> bool:
         """Whether ``run`` hands this array to TVM's kernels as it is, without copying it first.
 
-        That takes a CPU model and a writeable, C-contiguous array whose data is 64-byte aligned: TVM's
-        kernels assume that alignment (``tvm.runtime.from_dlpack`` refuses other arrays, and a misaligned
-        tensor passed around that check crashed the process), and DLPack cannot export a read-only array.
-        numpy guarantees only 16-byte alignment, so whether a caller's array qualifies depends on how it was
-        allocated (``np.load``'s never did here; ``np.empty``'s large ones alternated).
+        That takes a CPU model and a writeable, C-contiguous array whose data is aligned as the artifact's
+        kernels assume (``library.input_alignment`` in the manifest): tvmnet builds them to assume only the
+        element size, so any ordinary array qualifies; artifacts from before that assume TVM's 64 bytes,
+        which numpy gives only by chance (a misaligned tensor handed to such kernels crashed the process).
+        DLPack cannot export a read-only array.
         """
         return (self._on_cpu and array.flags.c_contiguous and array.flags.writeable
-                and array.ctypes.data % TVM_ALIGNMENT == 0)
+                and array.ctypes.data % self._input_alignment == 0)
 
     def _device_inputs(self, arrays: list[np.ndarray]) -> list[Any]:
         """The inputs as TVM tensors (call with the lock held): an array ``reads_in_place`` accepts is
@@ -184,6 +184,7 @@ class CompiledModel:
         ``copyfrom``.
         """
         import tvm
+        import tvm_ffi
 
         if self._input_tensors is None:
             self._input_tensors = [tvm.runtime.empty(spec.shape, spec.dtype, self._device) for spec in self.inputs]
@@ -191,7 +192,8 @@ class CompiledModel:
         tensors = []
         for kept, view, array in zip(self._input_tensors, self._input_views, arrays):
             if self.reads_in_place(array):
-                tensors.append(tvm.runtime.from_dlpack(array))
+                tensors.append(tvm_ffi.from_dlpack(array, require_alignment=self._input_alignment,
+                                                   require_contiguous=True))
             else:
                 np.copyto(view, array)
                 tensors.append(kept)
