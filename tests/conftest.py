@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,23 @@ def compile_and_compare(model: onnx.ModelProto, out: Path, *, input_shapes=None,
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
     assert np.abs(expected).max() > 1e-3, "degenerate reference output: the comparison would prove nothing"
     return compiled
+
+
+def copy_artifact_with(artifact, tmp_path, garbage_library=False, **changes):
+    """A copy of ``artifact`` whose manifest has ``changes`` (None deletes a key)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    path = copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            manifest.pop(key, None)
+        else:
+            manifest[key] = value
+    path.write_text(json.dumps(manifest))
+    if garbage_library:  # were it dlopened, the error would be TVM's "could not load", not ours
+        (copy / "model.so").write_bytes(b"\x7fELF garbage")
+    return copy
 
 
 def no_leftovers(directory: Path) -> list[str]:

@@ -3,16 +3,15 @@ read-only arrays, non-array inputs, byte order, missing inputs. All before TVM s
 
 from __future__ import annotations
 
-import json
-import shutil
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import tvmnet
 from tvmnet.errors import ArtifactError, InputError
+
+from conftest import copy_artifact_with
 
 SHAPE = (1, 3, 96, 96)
 
@@ -79,26 +78,19 @@ def _at_offset(x: np.ndarray, offset_bytes: int) -> np.ndarray:
     return y
 
 
-def _with_manifest(artifact: Path, tmp_path: Path, edit) -> Path:
-    """A copy of ``artifact`` whose manifest ``edit`` changed."""
-    copy = Path(shutil.copytree(artifact, tmp_path / "edited"))
-    manifest = json.loads((copy / "manifest.json").read_text())
-    edit(manifest)
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    return copy
-
-
 def test_an_artifact_that_does_not_state_its_input_alignment_reads_only_64_byte_aligned_arrays_in_place(
-        tiny_v2_artifact, x, tmp_path):
+        tiny_v2_artifact, model, x, tmp_path):
     """Artifacts compiled before tvmnet recorded ``input_alignment`` have kernels that assume 64 bytes."""
-    older = tvmnet.load(_with_manifest(tiny_v2_artifact, tmp_path, lambda m: m["library"].pop("input_alignment")))
+    library = {k: v for k, v in model.manifest["library"].items() if k != "input_alignment"}
+    older = tvmnet.load(copy_artifact_with(tiny_v2_artifact, tmp_path, library=library))
     assert [older.reads_in_place(_at_offset(x, offset)) for offset in (0, 4, 16)] == [True, False, False]
     assert older.run(_at_offset(x, 16)).tobytes() == older.run(x).tobytes()
 
 
 @pytest.mark.parametrize("value", [0, 3, 128, "4", True])
-def test_a_bad_input_alignment_in_the_manifest_is_refused(tiny_v2_artifact, tmp_path, value):
-    edited = _with_manifest(tiny_v2_artifact, tmp_path, lambda m: m["library"].update(input_alignment=value))
+def test_a_bad_input_alignment_in_the_manifest_is_refused(tiny_v2_artifact, model, tmp_path, value):
+    library = {**model.manifest["library"], "input_alignment": value}
+    edited = copy_artifact_with(tiny_v2_artifact, tmp_path, library=library)
     with pytest.raises(ArtifactError, match="library.input_alignment .* is not a power of two from 1 to 64; "
                                             "recompile the artifact"):
         tvmnet.load(edited)
