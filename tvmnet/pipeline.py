@@ -257,9 +257,9 @@ def accept_unaligned_inputs(mod: tvm.IRModule, target: tvm.target.Target) -> tup
     """Let the kernels that read the model's inputs take them at any address aligned to their element size;
     return the lowered module and the alignment in bytes the inputs now need (the manifest records it).
 
-    TVM's kernels assume 64-byte aligned tensors (and may use aligned vector loads: an input 4 bytes
-    off crashed an untuned MobileNetV2's first kernel here), while numpy aligns large arrays to 16 bytes, so the runtime
-    copied almost every caller's array into a tensor of its own first. Declaring the input buffers of the
+    TVM's kernels assume 64-byte aligned tensors and may use aligned vector loads: an input 16 bytes past a
+    64-byte boundary, where numpy puts large arrays, crashed the first kernel of tiny MobileNetV2 and of
+    tuned V3-Large here. So the runtime copied almost every caller's array into a tensor of its own. Declaring the input buffers of the
     kernels ``main`` hands the inputs to as element-aligned lets it pass the caller's array as it is. That
     is safe only if those kernels are the only readers: when an input is used any other way, or on GPU
     targets (whose inputs are copied to the device anyway), the module stays as it is and 64 is returned."""
