@@ -37,7 +37,7 @@ def compile_and_compare(model: onnx.ModelProto, out: Path, *, input_shapes=None,
     return compiled
 
 
-def copy_artifact_with(artifact, tmp_path, garbage_library=False, **changes):
+def copy_artifact_with(artifact: Path, tmp_path: Path, garbage_library: bool = False, **changes: object) -> Path:
     """A copy of ``artifact`` whose manifest has ``changes`` (None deletes a key)."""
     copy = tmp_path / "copy"
     shutil.copytree(artifact, copy)
