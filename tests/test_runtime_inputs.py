@@ -121,6 +121,29 @@ def test_read_only_array_is_accepted(model, x, aligned):
     assert model.run(y).tobytes() == model.run(x).tobytes()
 
 
+def test_the_copies_a_gpu_model_makes_give_the_same_result(tiny_v2_artifact, x, monkeypatch):
+    """numpy cannot view GPU memory (``np.from_dlpack`` raises BufferError), so a model on a GPU copies
+    inputs in with ``copyfrom`` and outputs out with ``Tensor.numpy()``. No GPU here: this runs that code
+    on the CPU model, with numpy refusing DLPack as it does for GPU memory, so a GPU model that still
+    reached for numpy views fails here rather than on a user's GPU."""
+    cpu_model = tvmnet.load(tiny_v2_artifact)
+    y = _at_offset(x, 16)
+    reference, doubled = cpu_model.run(y), cpu_model.run(x * 2.0)
+
+    def no_device_views(*_args, **_kwargs):
+        raise BufferError("numpy cannot view this device's memory")
+
+    monkeypatch.setattr(np, "from_dlpack", no_device_views)
+    as_if_gpu = tvmnet.load(tiny_v2_artifact)
+    as_if_gpu._on_cpu = False
+    assert not as_if_gpu.reads_in_place(y)  # a GPU model copies every input
+    first = as_if_gpu.run(y)
+    assert first.tobytes() == reference.tobytes()
+    second = as_if_gpu.run(y * 2.0)  # the kept input tensor is reused; the first output stays the caller's
+    assert second.tobytes() == doubled.tobytes() != first.tobytes()
+    assert first.tobytes() == reference.tobytes()
+
+
 @pytest.mark.parametrize("arg", [[[0.0]], (0.0,), 0.0, None, "image.jpg", memoryview(b"abcd")],
                          ids=["list", "tuple", "float", "None", "str", "memoryview"])
 def test_non_arrays_are_refused(model, arg):
