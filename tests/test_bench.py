@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,3 +141,25 @@ def test_separable_fusion_probe_matches_numpy(tiny_v2_artifact):
         assert all(float(h.rsplit("max abs error ", 1)[1]) < 1e-5 for h in heads), proc.stdout
         assert ("tiles searched (4 trials)" in proc.stdout) == ("--trials" in options), proc.stdout
         assert proc.stdout.count("µs fused") == len(strides), proc.stdout
+
+
+@pytest.mark.parametrize("pixels, tile_pixels, tile_floats", [(49, 7, 8), (50, 5, 16), (56, 4, 16)])
+def test_pointwise_tile_probe_kernel_matches_numpy(pixels, tile_pixels, tile_floats):
+    """bench/pointwise_tile.py's hand-scheduled pointwise convolution (as a matmul with packed weights, bias and
+    ReLU) for each pixel count and register tile it times: it must compute what numpy does, or its times say
+    nothing about the tuned kernel it stands beside."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import tvm
+    from pointwise_tile import matmul_kernel
+
+    from tvmnet.targets import get_target
+
+    inputs, outputs = 64, 32
+    lib, shapes = matmul_kernel(pixels, inputs, outputs, tile_pixels, tile_floats, get_target("x86").tvm_target())
+    rng = np.random.default_rng(0)
+    a, packed, bias = (rng.standard_normal(shape).astype("float32") for shape in shapes[:3])
+    out = tvm.runtime.tensor(np.zeros(shapes[3], "float32"), tvm.cpu())
+    module = lib.mod if hasattr(lib, "mod") else lib
+    module[module.entry_name](*(tvm.runtime.tensor(x, tvm.cpu()) for x in (a, packed, bias)), out)
+    weights = packed.transpose(1, 0, 2).reshape(inputs, outputs)  # [blocks, inputs, floats] -> [inputs, outputs]
+    np.testing.assert_allclose(out.numpy(), np.maximum(a @ weights + bias, 0), rtol=1e-5, atol=1e-4)
