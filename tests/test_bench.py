@@ -144,11 +144,11 @@ def test_separable_fusion_probe_matches_numpy(tiny_v2_artifact):
 
 
 @pytest.mark.parametrize("pixels, tile_pixels, tile_floats", [(49, 7, 8), (50, 5, 16), (56, 4, 16)])
-def test_pointwise_tile_probe_kernel_matches_numpy(pixels, tile_pixels, tile_floats):
+def test_pointwise_tile_probe_kernel_matches_numpy(pixels, tile_pixels, tile_floats, monkeypatch):
     """bench/pointwise_tile.py's hand-scheduled pointwise convolution (as a matmul with packed weights, bias and
     ReLU) for each pixel count and register tile it times: it must compute what numpy does, or its times say
     nothing about the tuned kernel it stands beside."""
-    sys.path.insert(0, str(REPO / "bench"))
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
     import tvm
     from pointwise_tile import matmul_kernel
 
