@@ -567,6 +567,20 @@ def fastest_here(database, tasks: Sequence, cpu: str, top: int) -> list[list]:
     return [[(task, records[rank]) for task, records in ranked if len(records) > rank] for rank in range(top)]
 
 
+def _padded_seeds(tasks: Sequence, database, tvm_target, cpu: str) -> list[tuple]:
+    """(task, record to measure) for the padded seeds (:func:`search_space.padded_seeds`) of each task
+    that has no padded record measured on ``cpu`` yet, so a resumed tune does not measure them again."""
+    from . import search_space
+
+    ms = _ms()
+    seeds = []
+    for task, records in zip(tasks, _tuned_by_speed(database, tasks, lambda c: c == cpu)):
+        if not any(search_space.is_padded(record.trace) for record in records):
+            seeds += [(task, ms.database.TuningRecord(trace, ms.database.Workload(task.dispatched[0])))
+                      for trace in search_space.padded_seeds(task.dispatched[0], tvm_target)]
+    return seeds
+
+
 def measure_schedules(tasks: Sequence, builder, runner, database, tvm_target, say: Progress,
                       records: Sequence | None = None, what: str = "schedule from another CPU") -> None:
     """Measure each task's workload, unscheduled or with the schedule of its record in ``records``, with
@@ -586,7 +600,7 @@ def measure_schedules(tasks: Sequence, builder, runner, database, tvm_target, sa
 
     ms = _ms()
     what = "untuned kernel" if records is None else what
-    say(f"measuring the {what} of {len(tasks)} task(s)"
+    say(f"measuring the {what} of {len({task.task_name for task in tasks})} task(s)"
         + (": the floor a tuned record must beat" if records is None else " on this CPU"))
     scheduled = []  # (task, schedule) for each schedule that applies
     for i, task in enumerate(tasks):
@@ -837,8 +851,12 @@ def tune(
     fastest record each task has from another CPU, as a first tune on this CPU would: a log whose
     other CPU was tuned later, with better settings, can hold better schedules for this one too.
     ``trials=0`` stops after that.
+
+    A task with a pixel-padded variant in the search space (``tvmnet/search_space.py``: a 1x1 convolution on
+    7x7 pixels) that has no padded record on this CPU yet first gets its padded seeds measured, up to 9
+    schedules on top of ``trials``, which the search then starts from.
     """
-    from . import pipeline
+    from . import pipeline, search_space
     from .build import resolve_model
     from .frontend import load_onnx
 
@@ -904,13 +922,18 @@ def tune(
                     break
                 measure_schedules([task for task, _ in chosen], builder, runner, database, tvm_target, say,
                                   records=[record for _, record in chosen], what=f"#{rank + 1} fastest record")
+            seeds = _padded_seeds([selected[i] for i in to_tune], database, tvm_target, cpu) if tuning else []
+            if seeds and not interrupted.is_set():
+                measure_schedules([task for task, _ in seeds], builder, runner, database, tvm_target, say,
+                                  records=[record for _, record in seeds], what="padded seeds")
             before = database_stats(database, selected, cpu)
         if tuning and not interrupted.is_set():
             chosen = [selected[i] for i in to_tune]
             say(f"preparing {len(chosen)} tuning contexts (imports MetaSchedule's tensor intrinsics once)")
             strategy = ms.search_strategy.EvolutionarySearch(population_size=population_size)
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                extracted_tasks=chosen, work_dir=str(log_dir), strategy=strategy, seed=seed)
+                extracted_tasks=chosen, work_dir=str(log_dir), strategy=strategy, seed=seed,
+                space=search_space.space_for(chosen[0].dispatched[0], tvm_target))
             _quiet_console()
             per_iter = max(1, min(num_trials_per_iter, max(per_task_left[i] for i in to_tune)))
             state = {"new": [0] * len(chosen), "best": [before[hashes[i]][1] for i in to_tune],

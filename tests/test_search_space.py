@@ -1,0 +1,118 @@
+"""The search space tuning uses: MetaSchedule's defaults plus a pixel-padded variant of badly tiling 1x1 convs.
+
+The padded variant is only worth having if its schedules compute the same model and apply through the
+ordinary database path, so the test builds a model from a padded record and checks it against onnxruntime.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tvmnet
+from tvmnet.search_space import padded_pixels
+
+from conftest import ATOL, RTOL, ort_run
+
+
+@pytest.mark.parametrize("pixels, padded", [(49, 50), (9, 10), (7, None), (1, None), (196, None), (25, None),
+                                            (36, None), (16, None), (121, 124)])
+def test_padded_pixels_picks_the_nearest_count_a_register_tile_divides(pixels, padded):
+    assert padded_pixels(pixels) == padded
+
+
+def _model():
+    from tvmnet import zoo
+
+    return zoo.build_model("mobilenet_v2", alpha=0.25, resolution=96)  # its last feature maps are 3x3: 9 pixels
+
+
+@pytest.mark.timeout(300)
+def test_a_padded_schedule_applies_from_a_log_and_matches_onnxruntime(tmp_path):
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvmnet import pipeline, search_space, tune
+    from tvmnet.frontend import load_onnx
+    from tvmnet.targets import get_target
+
+    model = _model()
+    target = get_target("x86").tvm_target()
+    fused = pipeline.fuse(load_onnx(model).to_relax(), target)
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    database = ms.database.JSONDatabase(work_dir=str(log_dir))
+    padded_tasks = []
+    for task in tune.extract_tasks(fused, target):
+        workload = task.dispatched[0]
+        space = search_space.space_for(workload, target)
+        context = ms.TuneContext(mod=workload, target=target, space_generator=space, task_name=task.task_name)
+        padded = [sch for sch in context.generate_design_space() if "pad_einsum" in str(sch.trace)]
+        if not padded:
+            continue
+        schedule = padded[0]
+        for postproc in space.postprocs:  # as the search does before it builds a candidate
+            assert postproc.apply(schedule), (task.task_name, postproc)
+        database.commit_tuning_record(ms.database.TuningRecord(
+            schedule.trace, database.commit_workload(workload), [1e-6], target,
+            ms.arg_info.ArgInfo.from_entry_func(workload, remove_preproc=True)))
+        padded_tasks.append(task.task_name)
+    # the 1x1 convolutions on 3x3 pixels: the expansions and projections of the last blocks, and the head
+    assert len(padded_tasks) >= 3, padded_tasks
+
+    artifact = tvmnet.compile(model, output=tmp_path / "padded", tuning_logs=log_dir)
+    compiled = tvmnet.load(artifact)
+    assert set(padded_tasks) <= set(compiled.manifest["schedules"]["tuned"]), compiled.manifest["schedules"]
+    spec = compiled.inputs[0]
+    x = np.random.default_rng(0).standard_normal(spec.shape).astype(spec.dtype)
+    np.testing.assert_allclose(compiled.run(x), ort_run(model, {spec.name: x})[0], rtol=RTOL, atol=ATOL)
+
+
+def test_only_cpu_targets_search_padded_variants():
+    import tvm
+    from tvm import te
+
+    from tvmnet.search_space import space_for
+    from tvmnet.targets import get_target
+
+    a = te.placeholder((4,), name="a")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, te.compute((4,), lambda i: a[i] + 1.0)])})
+    kinds = [type(rule).__name__ for rule in space_for(mod, get_target("x86").tvm_target()).sch_rules]
+    # PadPixels comes back from TVM as the wrapper of a Python rule, the only one among the defaults
+    assert kinds.count("_PyScheduleRule") == 1 and kinds[kinds.index("AutoInline") + 1] == "_PyScheduleRule", kinds
+    assert space_for(mod, get_target("cuda").tvm_target()) == "post-order-apply"
+
+
+@pytest.mark.timeout(300)
+def test_padded_seeds_carry_the_register_tiles_the_padding_is_for():
+    from tvmnet import pipeline, search_space, tune
+    from tvmnet.frontend import load_onnx
+    from tvmnet.targets import get_target
+
+    target = get_target("x86").tvm_target()
+    fused = pipeline.fuse(load_onnx(_model()).to_relax(), target)
+    seeded = 0
+    for task in tune.extract_tasks(fused, target):
+        seeds = search_space.padded_seeds(task.dispatched[0], target)
+        if not seeds:
+            continue
+        seeded += 1
+        for trace in seeds:
+            assert search_space.is_padded(trace)
+            tiles = [trace.decisions[inst] for inst in trace.insts if inst.kind.name == "SamplePerfectTile"]
+            # 9 pixels padded to 10, 5 per register tile; the postprocessing (parallel, vectorize) included
+            assert [int(d) for d in tiles[1]] == [1, 2, 1, 5], tiles
+            assert {"Parallel", "Vectorize"} <= {inst.kind.name for inst in trace.insts}
+    assert seeded >= 3
+
+    # tune measures a task's seeds once: not again when the log holds a padded record of this CPU
+    from tvm.s_tir import meta_schedule as ms
+
+    task = next(t for t in tune.extract_tasks(fused, target) if search_space.padded_seeds(t.dispatched[0], target))
+    database = ms.database.MemoryDatabase(module_equality=tune.MODULE_EQUALITY)
+    cpu = tune.cpu_of(target)
+    seeds = tune._padded_seeds([task], database, target, cpu)
+    assert seeds and all(seeded_task is task for seeded_task, _ in seeds)
+    database.commit_tuning_record(ms.database.TuningRecord(
+        seeds[0][1].trace, database.commit_workload(task.dispatched[0]), [1e-4], target,
+        ms.arg_info.ArgInfo.from_entry_func(task.dispatched[0], remove_preproc=True)))
+    assert tune._padded_seeds([task], database, target, cpu) == []

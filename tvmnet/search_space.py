@@ -1,0 +1,166 @@
+"""The MetaSchedule search space tvmnet tunes CPU tasks in: the target's default rules plus pixel padding.
+
+MetaSchedule splits a loop only into factors that divide it. A 1x1 convolution on MobileNet's last 7x7
+feature maps has 49 pixels = 7 x 7, so its register tile is 7 pixels by one vector of output channels (7 x 2
+vectors would need more than AVX2's 16 registers) and it runs at about 80% of the FMA peak where larger ones
+reach 90-97%. Computing 50 pixels, the last one zeros and discarded, allows a 5 x 2-vector tile: 23-27% faster
+alone (bench/README.md item 22). :class:`PadPixels` adds that padded variant of each such block to the design
+spaces beside the unpadded one, so the search, not a rule of thumb, decides per task and per CPU.
+
+The padding is a schedule, not a change to the task: records of both variants live under the same workload,
+so logs tuned before it still apply, and applying a record replays its trace with no tvmnet code involved.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tvm
+from tvm.s_tir import Schedule
+from tvm.s_tir.schedule import SBlockRV, ScheduleError
+from tvm.s_tir.meta_schedule.schedule_rule import PyScheduleRule
+from tvm.ir.utils import derived_object
+
+TILE_ROWS = (4, 5, 6)
+"""Pixel counts per register tile that fill 16 vector registers with 2-3 vectors of output channels."""
+
+SEED_FLOATS = (8, 16, 32)
+"""Output channels per register tile in :func:`padded_seeds`: one or more vectors of AVX2, AVX-512 or NEON."""
+
+MAX_WASTE = 1 / 8
+"""The largest share of extra (discarded) pixels a padding may add."""
+
+
+def padded_pixels(pixels: int) -> int | None:
+    """The pixel count to compute instead of ``pixels`` (the fewest extra ones that one of the
+    :data:`TILE_ROWS` divides), or None if ``pixels`` already tiles well or padding would waste too much."""
+    if any(pixels % rows == 0 for rows in TILE_ROWS):
+        return None
+    for padded in range(pixels + 1, pixels + int(pixels * MAX_WASTE) + 1):
+        if any(padded % rows == 0 for rows in TILE_ROWS):
+            return padded
+    return None
+
+
+def _extents(block) -> list[int] | None:
+    extents = [iv.dom.extent for iv in block.iter_vars]
+    return [int(e) for e in extents] if all(isinstance(e, tvm.tirx.IntImm) for e in extents) else None
+
+
+def pad_pointwise(sch: Schedule, block: SBlockRV) -> bool:
+    """Turn an NHWC 1x1 stride-1 convolution ``block`` into a matmul over flattened pixels, padded to
+    :func:`padded_pixels`: the input rows are copied into a zero-padded buffer, the extra output rows are
+    never read, and the epilogues (bias, activation, residual) iterate over flattened pixels too, so
+    MultiLevelTiling can fuse them into the tile. False, with ``sch`` unusable, if ``block`` is not one."""
+    stmt = sch.get(block)
+    extents = _extents(stmt)
+    kinds = [iv.iter_type for iv in stmt.iter_vars]
+    spatial, reduce = tvm.tirx.IterVar.DataPar, tvm.tirx.IterVar.CommReduce
+    if (extents is None or len(extents) != 7 or kinds != [spatial] * 4 + [reduce] * 3
+            or len(stmt.writes) != 1 or len(stmt.reads) != 2 or extents[0] != 1 or extents[4:6] != [1, 1]):
+        return False
+    _, height, width, channels = extents[:4]
+    padded = padded_pixels(height * width)
+    if padded is None:
+        return False
+    input_copy = sch.reindex(block, ("read", 0))
+    output_copy = sch.reindex(block, ("write", 0))
+    if _extents(sch.get(input_copy)) != [1, height, width, extents[6]]:
+        return False  # the input is not read pixel for pixel: a strided or dilated window
+
+    def flatten(n, h, w, c):
+        return n, h * width + w, c
+
+    sch.transform_layout(block, ("read", 0), flatten)
+    sch.transform_layout(block, ("write", 0), flatten)
+    sch.transform_block_layout(block, lambda n, h, w, f, ry, rx, rc: (n, h * width + w, f, ry, rx, rc))
+    sch.pad_einsum(block, [1, padded, 1, 1, 1, 1])
+    sch.compute_inline(input_copy)
+    sch.compute_inline(sch.get_producers(output_copy)[0])  # the copy of the real rows out of the padded result
+    if sch.get_consumers(output_copy):
+        sch.compute_inline(output_copy)
+    for epilogue in sch.get_consumers(block):
+        if _extents(sch.get(epilogue)) != [1, height, width, channels]:
+            return False
+        sch.transform_block_layout(epilogue, flatten)
+    return True
+
+
+@derived_object
+class PadPixels(PyScheduleRule):
+    """Offer a pixel-padded variant (:func:`pad_pointwise`) of each 1x1 convolution whose pixel count
+    tiles badly, beside the block as it is. Placed after AutoInline and before MultiLevelTiling."""
+
+    def _initialize_with_tune_context(self, context) -> None:
+        pass
+
+    def apply(self, sch: Schedule, block: SBlockRV) -> list[Schedule]:
+        padded = sch.copy()
+        try:
+            applies = pad_pointwise(padded, block)
+        except ScheduleError:  # a block of another shape than the ones checked above
+            applies = False
+        return [sch, padded] if applies else [sch]
+
+    def clone(self) -> "PadPixels":
+        return PadPixels()
+
+
+def space_for(mod: tvm.IRModule, target: tvm.target.Target):
+    """The space generator for tuning ``mod`` on ``target``: on CPUs, PostOrderApply with MetaSchedule's
+    defaults for the target and :class:`PadPixels` after AutoInline; elsewhere MetaSchedule's own default."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if "cpu" not in target.keys:
+        return "post-order-apply"
+    defaults = ms.TuneContext(mod=mod, target=target, space_generator="post-order-apply", task_name="defaults")
+    generator = defaults.space_generator
+    rules = list(generator.sch_rules)
+    after = next(i for i, rule in enumerate(rules) if isinstance(rule, ms.schedule_rule.AutoInline)) + 1
+    rules.insert(after, PadPixels())
+    return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs=list(generator.postprocs),
+                                             mutator_probs=dict(generator.mutator_probs))
+
+
+def is_padded(trace) -> bool:
+    """Whether a schedule's trace is one of :class:`PadPixels`'s padded variants."""
+    return any(inst.kind.name == "PadEinsum" for inst in trace.insts)
+
+
+def padded_seeds(workload: tvm.IRModule, target: tvm.target.Target) -> list:
+    """Postprocessed traces of ``workload``'s padded design spaces with the register tiles the padding is for: a tile
+    row of :data:`TILE_ROWS` pixels dividing the padded count, :data:`SEED_FLOATS` output channels, the
+    input channels reduced outside the tile, fully unrolled. Empty if the workload has no padded variant.
+
+    Tuning measures these first. Measured on V1's 1024->1024 convolution at 7x7, the 5 x 16 one ran 29%
+    faster than the best of 1,097 unpadded trials, while 63 padded trials of the evolutionary search,
+    warm-started from those 1,097, found none faster than the unpadded best (bench/README.md item 23): its
+    cost model has seen no padded schedule and the tile is one of thousands of ways to split 50 pixels,
+    1024 outputs and 1024 inputs. Once measured, the seeds join the search's initial population."""
+    from tvm.s_tir import meta_schedule as ms
+
+    context = ms.TuneContext(mod=workload, target=target, space_generator=space_for(workload, target),
+                             task_name="padded seeds")
+    seeds = []
+    for space in context.generate_design_space():
+        trace = space.trace
+        if not is_padded(trace):
+            continue
+        # MultiLevelTiling samples one tile per loop of the padded block: batch, pixels, output channels,
+        # the two unit loops of the 1x1 window, input channels
+        tiles = [inst for inst in trace.insts if inst.kind.name == "SamplePerfectTile"]
+        unroll = [inst for inst in trace.insts if inst.kind.name == "SampleCategorical"]
+        if len(tiles) != 6 or len(unroll) != 1:
+            continue
+        pixels, channels, inputs = (math.prod(int(d) for d in trace.decisions[tiles[i]]) for i in (1, 2, 5))
+        for rows in (rows for rows in TILE_ROWS if pixels % rows == 0):
+            for floats in (floats for floats in SEED_FLOATS if channels % floats == 0):
+                seed = trace.with_decision(tiles[1], [1, pixels // rows, 1, rows], True)
+                seed = seed.with_decision(tiles[2], [channels // floats, 1, 1, floats], True)
+                seed = seed.with_decision(tiles[5], [inputs, 1], True)
+                seed = seed.with_decision(unroll[0], len(unroll[0].attrs[0]) - 1, True)
+                sch = Schedule(workload)
+                seed.apply_to_schedule(sch, remove_postproc=True)
+                if all(postproc.apply(sch) for postproc in context.space_generator.postprocs):
+                    seeds.append(sch.trace)  # as the search stores a candidate: its postprocessing included
+    return seeds
