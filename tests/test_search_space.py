@@ -71,7 +71,7 @@ def test_only_cpu_targets_search_padded_variants():
     import tvm
     from tvm import te
 
-    from tvmnet.search_space import space_for
+    from tvmnet.search_space import padded_seeds, space_for
     from tvmnet.targets import get_target
 
     a = te.placeholder((4,), name="a")
@@ -80,6 +80,7 @@ def test_only_cpu_targets_search_padded_variants():
     # PadPixels comes back from TVM as the wrapper of a Python rule, the only one among the defaults
     assert kinds.count("_PyScheduleRule") == 1 and kinds[kinds.index("AutoInline") + 1] == "_PyScheduleRule", kinds
     assert space_for(mod, get_target("cuda").tvm_target()) == "post-order-apply"
+    assert padded_seeds(mod, get_target("cuda").tvm_target()) == []
 
 
 @pytest.mark.timeout(300)

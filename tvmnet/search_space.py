@@ -128,17 +128,20 @@ def is_padded(trace) -> bool:
 
 
 def padded_seeds(workload: tvm.IRModule, target: tvm.target.Target) -> list:
-    """Postprocessed traces of ``workload``'s padded design spaces with the register tiles the padding is for: a tile
-    row of :data:`TILE_ROWS` pixels dividing the padded count, :data:`SEED_FLOATS` output channels, the
-    input channels reduced outside the tile, fully unrolled. Empty if the workload has no padded variant.
+    """Postprocessed traces of ``workload``'s padded design spaces with the register tiles the padding is
+    for: a tile row of :data:`TILE_ROWS` pixels dividing the padded count, :data:`SEED_FLOATS` output
+    channels, the input channels reduced outside the tile, fully unrolled (9 for a convolution at 7x7).
+    Empty if the workload has no padded variant or ``target`` is not a CPU.
 
     Tuning measures these first. Measured on V1's 1024->1024 convolution at 7x7, the 5 x 16 one ran 29%
-    faster than the best of 1,097 unpadded trials, while 63 padded trials of the evolutionary search,
+    faster than the best of 1,097 unpadded trials, while 67 padded trials of the evolutionary search,
     warm-started from those 1,097, found none faster than the unpadded best (bench/README.md item 23): its
     cost model has seen no padded schedule and the tile is one of thousands of ways to split 50 pixels,
     1024 outputs and 1024 inputs. Once measured, the seeds join the search's initial population."""
     from tvm.s_tir import meta_schedule as ms
 
+    if "cpu" not in target.keys:
+        return []
     context = ms.TuneContext(mod=workload, target=target, space_generator=space_for(workload, target),
                              task_name="padded seeds")
     seeds = []

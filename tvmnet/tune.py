@@ -853,8 +853,8 @@ def tune(
     ``trials=0`` stops after that.
 
     A task with a pixel-padded variant in the search space (``tvmnet/search_space.py``: a 1x1 convolution on
-    7x7 pixels) that has no padded record on this CPU yet first gets its padded seeds measured, up to 9
-    schedules on top of ``trials``, which the search then starts from.
+    7x7 pixels) that has no padded record on this CPU yet first gets its padded seeds measured (9 schedules
+    at 7x7, on top of ``trials``), which the search then starts from.
     """
     from . import pipeline, search_space
     from .build import resolve_model
