@@ -83,8 +83,8 @@ def test_only_cpu_targets_search_padded_variants():
     assert padded_seeds(mod, get_target("cuda").tvm_target()) == []
 
 
-@pytest.mark.timeout(300)
-def test_padded_seeds_carry_the_register_tiles_the_padding_is_for():
+@pytest.mark.timeout(420)
+def test_padded_seeds_carry_the_register_tiles_the_padding_is_for(tmp_path):
     from tvmnet import pipeline, search_space, tune
     from tvmnet.frontend import load_onnx
     from tvmnet.targets import get_target
@@ -96,7 +96,7 @@ def test_padded_seeds_carry_the_register_tiles_the_padding_is_for():
         seeds = search_space.padded_seeds(task.dispatched[0], target)
         if not seeds:
             continue
-        seeded.append(task)
+        seeded.append((task, len(seeds)))
         for trace in seeds:
             assert search_space.is_padded(trace)
             tiles = [trace.decisions[inst] for inst in trace.insts if inst.kind.name == "SamplePerfectTile"]
@@ -105,15 +105,15 @@ def test_padded_seeds_carry_the_register_tiles_the_padding_is_for():
             assert {"Parallel", "Vectorize"} <= {inst.kind.name for inst in trace.insts}
     assert len(seeded) >= 3
 
-    # tune measures a task's seeds once: not again when the log holds a padded record of this CPU
-    from tvm.s_tir import meta_schedule as ms
-
-    task = seeded[0]
-    database = ms.database.MemoryDatabase(module_equality=tune.MODULE_EQUALITY)
-    cpu = tune.cpu_of(target)
-    seeds = tune._padded_seeds([task], database, target, cpu)
-    assert seeds and all(seeded_task is task for seeded_task, _ in seeds)
-    database.commit_tuning_record(ms.database.TuningRecord(
-        seeds[0][1].trace, database.commit_workload(task.dispatched[0]), [1e-4], target,
-        ms.arg_info.ArgInfo.from_entry_func(task.dispatched[0], remove_preproc=True)))
-    assert tune._padded_seeds([task], database, target, cpu) == []
+    # `tune --remeasure 1 --trials 0` measures a task's seeds into its log, once: not again when the log
+    # holds a padded record of this CPU
+    task, count = seeded[0]
+    log = tmp_path / "log"
+    lines: list[str] = []
+    tune.tune(_model(), trials=0, remeasure=1, tasks=[task.task_name], log_dir=log, progress=lines.append)
+    assert any("measuring the padded seeds of 1 task(s)" in line for line in lines), lines
+    database = tune.open_database(log)
+    records = list(database.get_all_tuning_records())
+    assert len(records) == count and all(search_space.is_padded(record.trace) for record in records), lines
+    (task,) = tune._as_stored([task], database)
+    assert tune._padded_seeds([task], database, target, tune.cpu_of(target)) == [[]]

@@ -100,9 +100,10 @@ def compile_cmd(model: str | None, target: str, output: Path, input_shapes: tupl
               help="Candidates measured per task per round (a small budget over many tasks wants fewer).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--remeasure", type=int, default=0, metavar="N",
-              help="First measure each task's N fastest records of this CPU again, and its fastest record "
-                   "from another CPU here, for a log measured with other settings (tvmnet before 2026-12-02 "
-                   "tuned a CPU without SMT on one thread); --trials 0 stops after that.")
+              help="First time each task's 2nd to Nth fastest records of this CPU, its fastest from another "
+                   "CPU and its padded seeds (if it has no padded record) side by side with its fastest, and "
+                   "store them on the log's scale: re-ranks a log measured under other conditions; "
+                   "--trials 0 stops after that.")
 @click.option("--alpha", type=float, default=1.0, show_default=True, help="Width multiplier for zoo models.")
 @click.option("--resolution", type=int, default=224, show_default=True, help="Input resolution for zoo models.")
 @_input_shape

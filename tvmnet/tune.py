@@ -567,22 +567,25 @@ def fastest_here(database, tasks: Sequence, cpu: str, top: int) -> list[list]:
     return [[(task, records[rank]) for task, records in ranked if len(records) > rank] for rank in range(top)]
 
 
-def _padded_seeds(tasks: Sequence, database, tvm_target, cpu: str) -> list[tuple]:
-    """(task, record to measure) for the padded seeds (:func:`search_space.padded_seeds`) of each task
-    that has no padded record measured on ``cpu`` yet, so a resumed tune does not measure them again."""
+def _padded_seeds(tasks: Sequence, database, tvm_target, cpu: str) -> list[list]:
+    """For each task, records to measure holding its padded seeds (:func:`search_space.padded_seeds`);
+    none for a task that has a padded record measured on ``cpu`` already, so a resumed tune does not
+    measure them again."""
     from . import search_space
 
     ms = _ms()
-    seeds = []
-    for task, records in zip(tasks, _tuned_by_speed(database, tasks, lambda c: c == cpu)):
-        if not any(search_space.is_padded(record.trace) for record in records):
-            seeds += [(task, ms.database.TuningRecord(trace, ms.database.Workload(task.dispatched[0])))
-                      for trace in search_space.padded_seeds(task.dispatched[0], tvm_target)]
-    return seeds
+    return [[] if any(search_space.is_padded(record.trace) for record in records) else
+            [ms.database.TuningRecord(trace, ms.database.Workload(task.dispatched[0]))
+             for trace in search_space.padded_seeds(task.dispatched[0], tvm_target)]
+            for task, records in zip(tasks, _tuned_by_speed(database, tasks, lambda c: c == cpu))]
+
+
+SIDE_BY_SIDE_ROUNDS = 5  # rounds of schedules timed against a task's fastest record (see measure_schedules)
 
 
 def measure_schedules(tasks: Sequence, builder, runner, database, tvm_target, say: Progress,
-                      records: Sequence | None = None, what: str = "schedule from another CPU") -> None:
+                      records: Sequence | None = None, what: str = "schedule from another CPU",
+                      against=None, rounds: int = 1) -> None:
     """Measure each task's workload, unscheduled or with the schedule of its record in ``records``, with
     the tuning builder and runner, and store it as a record measured on ``tvm_target``.
 
@@ -591,50 +594,94 @@ def measure_schedules(tasks: Sequence, builder, runner, database, tvm_target, sa
     model slower than no log at all (few random candidates of a small elementwise kernel often lose to
     LLVM's own loop). With another CPU's records it measures that CPU's best schedules here, so that a
     tune on a new CPU starts from them with times that compare; ``what`` names such records in messages.
+
+    ``against`` (a record of this CPU for the workload of every task given) times the schedules side by
+    side with that record: ``rounds`` rounds, each running all of them in turn, and each schedule is
+    stored with the record's time in the log times the ratio of their medians. A log gathers times from
+    runs under different load (onnxruntime's V3-Large read 3.8 ms one hour and 7.4 ms the next on this
+    project's shared host), so a schedule measured under load, stored as measured, would lose to a slower
+    one measured on a quiet host; the ratio to a schedule run alongside it holds. The record itself is
+    timed but not stored again. Without ``against`` each time is stored as measured (median of rounds).
     """
     if not tasks:
         return
     import shutil
+    import statistics
 
     from tvm.s_tir import Schedule
 
     ms = _ms()
     what = "untuned kernel" if records is None else what
-    say(f"measuring the {what} of {len({task.task_name for task in tasks})} task(s)"
-        + (": the floor a tuned record must beat" if records is None else " on this CPU"))
+    if against is None:
+        say(f"measuring the {what} of {len({task.task_name for task in tasks})} task(s)"
+            + (": the floor a tuned record must beat" if records is None else " on this CPU"))
+    else:
+        say(f"{tasks[0].task_name}: timing {len(tasks)} schedule(s) ({what}) side by side with its fastest record, "
+            f"{rounds} rounds")
+    entries = list(zip(tasks, records if records is not None else [None] * len(tasks)))
+    if against is not None:
+        entries.append((tasks[0], against))
     scheduled = []  # (task, schedule) for each schedule that applies
-    for i, task in enumerate(tasks):
-        if records is None:
+    reference = None  # against's index in scheduled
+    for task, record in entries:
+        if record is None:
             scheduled.append((task, Schedule(task.dispatched[0])))
             continue
-        sch = Schedule(records[i].workload.mod)  # a trace names the blocks of the module it was tuned on
+        sch = Schedule(record.workload.mod)  # a trace names the blocks of the module it was tuned on
         try:
-            records[i].trace.apply_to_schedule(sch, remove_postproc=False)
+            record.trace.apply_to_schedule(sch, remove_postproc=False)
         except Exception as exc:  # noqa: BLE001 - TVM's ScheduleError and friends: skip this one schedule
-            say(f"{task.task_name}: {what} does not apply, not recorded: {str(exc).strip().splitlines()[-1][:200]}")
+            say(f"{task.task_name}: a schedule ({what}) does not apply, not recorded: "
+                f"{str(exc).strip().splitlines()[-1][:200]}")
             continue
+        reference = len(scheduled) if record is against else reference
         scheduled.append((task, sch))
     args = [ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True) for _, sch in scheduled]
     built = builder.build([ms.builder.BuilderInput(sch.mod, tvm_target) for _, sch in scheduled])
     ready = [i for i, b in enumerate(built) if b.error_msg is None]
     for i, b in enumerate(built):
         if b.error_msg is not None:
-            say(f"{scheduled[i][0].task_name}: {what} did not build, not recorded: "
+            say(f"{scheduled[i][0].task_name}: a schedule ({what}) did not build, not recorded: "
                 f"{b.error_msg.strip().splitlines()[-1][:200]}")
     import tvm
 
     device = tvm.runtime.Device._DEVICE_TYPE_TO_NAME[tvm_target.get_target_device_type()]  # "cpu", "cuda", ...
-    futures = runner.run([ms.runner.RunnerInput(built[i].artifact_path, device, args[i]) for i in ready])
-    for i, future in zip(ready, futures):
-        result = future.result()
-        shutil.rmtree(os.path.dirname(built[i].artifact_path), ignore_errors=True)
-        task, sch = scheduled[i]
-        if result.error_msg is not None or not result.run_secs:
-            say(f"{task.task_name}: {what} failed to run, not recorded: "
-                f"{(result.error_msg or 'no timing').strip().splitlines()[-1][:200]}")
+    times: dict[int, list[float]] = {i: [] for i in ready}
+    for round_index in range(max(1, rounds)):
+        if not ready:
+            break
+        turn = round_index % len(ready)
+        order = ready[turn:] + ready[:turn]  # rotated, so that no schedule always runs first
+        futures = runner.run([ms.runner.RunnerInput(built[i].artifact_path, device, args[i]) for i in order])
+        for i, future in zip(order, futures):
+            result = future.result()
+            if result.error_msg is not None or not result.run_secs:
+                say(f"{scheduled[i][0].task_name}: a schedule ({what}) failed to run, not recorded: "
+                    f"{(result.error_msg or 'no timing').strip().splitlines()[-1][:200]}")
+                ready.remove(i)
+                continue
+            times[i].append(sum(float(s) for s in result.run_secs) / len(result.run_secs))
+    for b in built:
+        if b.error_msg is None:
+            shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+    medians = {i: statistics.median(times[i]) for i in ready}
+    scale = 1.0
+    if against is not None:
+        if reference is None or reference not in medians:
+            say(f"{tasks[0].task_name}: its fastest record did not run here; the schedules ({what}) are stored "
+                "as measured")
+        else:
+            scale = _record_seconds(against) / medians[reference]
+            others = [medians[i] for i in ready if i != reference]
+            if others:
+                say(f"{tasks[0].task_name}: the fastest of them took {min(others) / medians[reference]:.2f}x the time "
+                    "of its fastest record")
+    for i in ready:
+        if i == reference:
             continue
+        task, sch = scheduled[i]
         database.commit_tuning_record(ms.database.TuningRecord(
-            sch.trace, database.commit_workload(task.dispatched[0]), result.run_secs, tvm_target, args[i]))
+            sch.trace, database.commit_workload(task.dispatched[0]), [medians[i] * scale], tvm_target, args[i]))
 
 
 def _select(tasks: list, names: Sequence[str] | None) -> list:
@@ -843,18 +890,19 @@ def tune(
     substring. ``timeout_s`` bounds one measurement, ``builder_timeout_s`` one candidate build.
     ``early_stopping=N`` stops a task after N trials without improvement.
 
-    ``remeasure=K`` first measures again each selected task's K fastest records of this CPU, with this
-    run's builder and runner, and stores the new times beside the old. For a log measured under other
-    conditions: MetaSchedule's search never measures a schedule that is already in the database again.
-    (Until tvmnet 2026-12-02 a CPU without SMT was tuned on one thread, so a log's fastest records were
-    the best single-thread schedules, often ones that do not parallelise.) It also measures here the
-    fastest record each task has from another CPU, as a first tune on this CPU would: a log whose
-    other CPU was tuned later, with better settings, can hold better schedules for this one too.
-    ``trials=0`` stops after that.
+    ``remeasure=K`` first times each selected task's 2nd to Kth fastest records of this CPU again, side by
+    side with its fastest (:func:`measure_schedules`), with this run's builder and runner, and stores the
+    new times, on the log's scale, beside the old. For a log measured under other conditions: MetaSchedule's
+    search never measures a schedule that is already in the database again. (Until tvmnet 2026-12-02 a CPU
+    without SMT was tuned on one thread, so a log's fastest records were the best single-thread schedules,
+    often ones that do not parallelise.) It also times here the fastest record each task has from another
+    CPU, as a first tune on this CPU would: a log whose other CPU was tuned later, with better settings,
+    can hold better schedules for this one too. ``trials=0`` stops after that.
 
     A task with a pixel-padded variant in the search space (``tvmnet/search_space.py``: a 1x1 convolution on
-    7x7 pixels) that has no padded record on this CPU yet first gets its padded seeds measured (9 schedules
-    at 7x7, on top of ``trials``), which the search then starts from.
+    7x7 pixels) that has no padded record on this CPU yet first gets its padded seeds timed (9 schedules at
+    7x7, on top of ``trials``), side by side with its fastest record, when it is tuned or ``remeasure`` is
+    given; the search then starts from them.
     """
     from . import pipeline, search_space
     from .build import resolve_model
@@ -903,29 +951,37 @@ def tune(
         # a task about to be tuned on this CPU for the first time starts from the best schedule another CPU
         # found for it, measured here first (a log moved to a new machine, or a board of another family)
         port_to = range(len(selected)) if remeasure else to_tune if tuning else []
-        elsewhere = fastest_elsewhere(database, [selected[i] for i in port_to], cpu)
-        ported = [(selected[i], record) for i, record in zip(port_to, elsewhere)
-                  if record is not None and (existing[i] == 0 or remeasure)]
+        elsewhere = dict(zip(port_to, fastest_elsewhere(database, [selected[i] for i in port_to], cpu)))
+        seeded = range(len(selected)) if remeasure else to_tune if tuning else []
         if tuning or no_floor or remeasure:
             builder = make_builder(spec, builder_timeout_s,
                                     builder_workers or max(1, min(2, (os.cpu_count() or 1))))
             runner, runner_name = make_runner(spec, rpc_tracker=rpc_tracker, rpc_key=rpc_key, timeout_s=timeout_s,
                                                number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
-            # this CPU's fastest records as the log holds them now, before the other CPUs' are measured here
-            again = fastest_here(database, selected, cpu, remeasure)
+            # this CPU's fastest records as the log holds them now, before anything is measured here
+            ranked = _tuned_by_speed(database, selected, lambda c: c == cpu)
+            seeds = dict(zip(seeded, _padded_seeds([selected[i] for i in seeded], database, tvm_target, cpu)))
             measure_schedules(no_floor, builder, runner, database, tvm_target, say)
-            if ported:
-                measure_schedules([task for task, _ in ported], builder, runner, database, tvm_target, say,
-                                  records=[record for _, record in ported])
-            for rank, chosen in enumerate(again):
+            # a task with a fastest record here is timed side by side with it; the others in one batch
+            unranked: list[tuple] = []
+            for i, task in enumerate(selected):
                 if interrupted.is_set():
                     break
-                measure_schedules([task for task, _ in chosen], builder, runner, database, tvm_target, say,
-                                  records=[record for _, record in chosen], what=f"#{rank + 1} fastest record")
-            seeds = _padded_seeds([selected[i] for i in to_tune], database, tvm_target, cpu) if tuning else []
-            if seeds and not interrupted.is_set():
-                measure_schedules([task for task, _ in seeds], builder, runner, database, tvm_target, say,
-                                  records=[record for _, record in seeds], what="padded seeds")
+                theirs = elsewhere.get(i)
+                theirs = [theirs] if theirs is not None and (existing[i] == 0 or remeasure) else []
+                batches = [(ranked[i][1:remeasure], "next fastest records"), (theirs, "schedules from another CPU"),
+                           (seeds.get(i, []), "padded seeds")]  # names for messages
+                candidates = [record for records, _ in batches for record in records]
+                if not ranked[i]:
+                    unranked += [(task, record, name) for records, name in batches for record in records]
+                elif candidates:
+                    what = ", ".join(f"{name}: {len(records)}" for records, name in batches if records)
+                    measure_schedules([task] * len(candidates), builder, runner, database, tvm_target, say,
+                                      records=candidates, what=what, against=ranked[i][0], rounds=SIDE_BY_SIDE_ROUNDS)
+            if unranked and not interrupted.is_set():
+                names = dict.fromkeys(name for _, _, name in unranked)  # in order, once each
+                measure_schedules([task for task, _, _ in unranked], builder, runner, database, tvm_target, say,
+                                  records=[record for _, record, _ in unranked], what=" and ".join(names))
             before = database_stats(database, selected, cpu)
         if tuning and not interrupted.is_set():
             chosen = [selected[i] for i in to_tune]
