@@ -13,6 +13,11 @@ benchmark input is checked against onnxruntime's (tvmnet verify's tolerance, rto
     python bench/compare.py                                   # the five default models, all physical cores
     python bench/compare.py --models mobilenet_v2:1.0:224 --threads 1
     python bench/compare.py --models mobilenet_v2:0.25:96 --runs 5 --rounds 2 --warmup 2   # smoke run
+    git worktree add /tmp/before HEAD~1 && python bench/compare.py --before-logs /tmp/before/tuning_logs
+
+``--before-logs ROOT`` adds the artifact compiled with ROOT's log (an earlier commit's ``tuning_logs/``, say) as
+one more runtime, ``tvmnet-tuned-before``, in the same alternation: what a change to a log is worth, measured
+side by side, where two runs of this script hours apart on a shared host differ by more than that.
 
 Writes ``<results-dir>/<date>-<cpu>.json`` and ``.md`` and prints the markdown. Artifacts, ONNX files
 and workload fingerprints are cached in ``--work-dir`` keyed by model, tvmnet's code and the tuning
@@ -54,8 +59,10 @@ DEFAULT_MODELS = (
 ORT = "onnxruntime"
 UNTUNED = "tvmnet-untuned"
 TUNED = "tvmnet-tuned"
+BEFORE = "tvmnet-tuned-before"
 OPENVINO = "openvino"
-RUNTIME_ORDER = (ORT, UNTUNED, TUNED, OPENVINO)
+RUNTIME_ORDER = (ORT, UNTUNED, TUNED, BEFORE, OPENVINO)
+TVMNET_RUNTIMES = (UNTUNED, TUNED, BEFORE)
 MIN_TIMED_RUNS = 50
 LOAD_WARN = 0.5
 SCHEMA = 1
@@ -145,7 +152,7 @@ def _worker(args: argparse.Namespace) -> int:
     first = call()
     np.save(args.output, np.asarray(first))
     ready = {"ready": True, "load_s": round(time.perf_counter() - started, 3)}
-    if args.worker in (UNTUNED, TUNED):
+    if args.worker in TVMNET_RUNTIMES:
         ready["input_read_in_place"] = model.reads_in_place(x)
     proto.write(json.dumps(ready) + "\n")
     for line in sys.stdin:
@@ -377,8 +384,8 @@ def snapshot_log(log_dir: Path, work: Path) -> tuple[Path, str, dict[str, int]]:
 
 
 def prepare(config: ModelConfig, args: argparse.Namespace, code: dict[str, Any], tvm_version: str) -> dict[str, Any]:
-    """ONNX file, untuned artifact and (when a log exists) tuned artifact for one model, from cache
-    when the key matches."""
+    """ONNX file, untuned artifact and (when a log exists) tuned artifact for one model, and the one with
+    ``--before-logs``' log when given, from cache when the key matches."""
     work: Path = args.work_dir
     onnx_path = export_onnx(config, work, args.seed)
     base_key = _sha(SCHEMA, config.slug, args.seed, args.target, code["code_sha256"], tvm_version)
@@ -392,12 +399,21 @@ def prepare(config: ModelConfig, args: argparse.Namespace, code: dict[str, Any],
     entry["artifacts"][UNTUNED] = {"path": str(untuned), "cached": cached,
                                    "compile_s": None if cached else seconds}
 
-    root: Path = args.tuning_logs
+    entry["tuning"] = _tuned_artifact(entry, TUNED, args.tuning_logs, onnx_path, args, base_key)
+    if args.before_logs is not None:
+        entry["tuning_before"] = _tuned_artifact(entry, BEFORE, args.before_logs, onnx_path, args, base_key)
+    return entry
+
+
+def _tuned_artifact(entry: dict[str, Any], runtime: str, root: Path, onnx_path: Path, args: argparse.Namespace,
+                    base_key: str) -> dict[str, Any]:
+    """Compile (or find in the cache) the artifact with the log under ``root`` that ``tvmnet compile`` would
+    find, as ``entry["artifacts"][runtime]``; returns what was found about the log."""
+    work: Path = args.work_dir
     tuning: dict[str, Any] = {"root": str(root), "log_dir": None}
-    entry["tuning"] = tuning
     if not _has_any_database(root, args.target):
         tuning["skipped"] = f"no tuning log (nothing under {root / args.target})"
-        return entry
+        return tuning
     fp = fingerprint(onnx_path, args.target, work, base_key)
     log_dir = root / args.target / fp
     tuning["fingerprint"] = fp
@@ -405,16 +421,16 @@ def prepare(config: ModelConfig, args: argparse.Namespace, code: dict[str, Any],
 
     if not tune.has_database(log_dir):
         tuning["skipped"] = f"no tuning log ({log_dir} does not exist)"
-        return entry
+        return tuning
     snap, log_hash, counts = snapshot_log(log_dir, work)
     tuning.update({"log_dir": str(log_dir), "log_sha256": log_hash, "snapshot": str(snap), **counts})
-    tuned = work / "artifacts" / f"{config.slug}-tuned-{_sha(base_key, 'tuned', log_hash)[:12]}"
+    tuned = work / "artifacts" / f"{entry['model']}-tuned-{_sha(base_key, 'tuned', log_hash)[:12]}"
     cached = (tuned / "manifest.json").is_file()
     if not cached:
-        say(f"{config.slug}: compiling the tuned artifact with {log_dir} ({counts['trials']} trials)")
+        say(f"{entry['model']}: compiling the {runtime} artifact with {log_dir} ({counts['trials']} trials)")
         _, seconds = _compile(onnx_path, tuned, args.target, snap)
-    entry["artifacts"][TUNED] = {"path": str(tuned), "cached": cached, "compile_s": None if cached else seconds}
-    return entry
+    entry["artifacts"][runtime] = {"path": str(tuned), "cached": cached, "compile_s": None if cached else seconds}
+    return tuning
 
 
 def schedule_coverage(artifact: Path) -> dict[str, Any]:
@@ -450,7 +466,7 @@ def bench_model(config: ModelConfig, entry: dict[str, Any], args: argparse.Names
     np.save(input_path, x)
 
     sources: dict[str, Path] = {ORT: Path(entry["onnx"])}
-    for runtime in (UNTUNED, TUNED):
+    for runtime in TVMNET_RUNTIMES:
         if runtime in entry["artifacts"]:
             sources[runtime] = Path(entry["artifacts"][runtime]["path"])
     if openvino_ok:
@@ -490,7 +506,7 @@ def bench_model(config: ModelConfig, entry: dict[str, Any], args: argparse.Names
             row["check"] = {"reference": ORT, "max_abs_error": report.max_abs_error,
                             "max_rel_error": report.max_rel_error, "rtol": report.rtol, "atol": report.atol,
                             "passed": report.passed, "shape": list(outputs[runtime].shape)}
-        if runtime in (UNTUNED, TUNED):
+        if runtime in TVMNET_RUNTIMES:
             row["schedules"] = schedule_coverage(sources[runtime])
             row["cached_artifact"] = entry["artifacts"][runtime]["cached"]
             row["compile_s"] = entry["artifacts"][runtime]["compile_s"]
@@ -511,14 +527,21 @@ def bench_model(config: ModelConfig, entry: dict[str, Any], args: argparse.Names
         row["round_ratios_to_onnxruntime"] = round_ratios(runtime, ORT)
     if TUNED in rows:
         rows[TUNED]["ratio_to_untuned"] = ratio(TUNED, UNTUNED)
+    if BEFORE in rows:
+        rows[BEFORE]["ratio_to_untuned"] = ratio(BEFORE, UNTUNED)
+        rows[TUNED]["ratio_to_before"] = ratio(TUNED, BEFORE)
+        rows[TUNED]["round_ratios_to_before"] = round_ratios(TUNED, BEFORE)
     skipped = {}
     if TUNED not in rows:
         skipped[TUNED] = entry["tuning"].get("skipped", "no tuning log")
+    if "tuning_before" in entry and BEFORE not in rows:
+        skipped[BEFORE] = entry["tuning_before"].get("skipped", "no tuning log")
     if not openvino_ok:
         skipped[OPENVINO] = args.openvino_note
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"model": config.slug, "name": config.name, "alpha": config.alpha, "resolution": config.resolution,
             "input_shape": list(spec_shape), "seed": args.seed, "onnx": entry["onnx"], "tuning": entry["tuning"],
+            **({"tuning_before": entry["tuning_before"]} if "tuning_before" in entry else {}),
             "block_order": order, "runtimes": [rows[r] for r in runtimes], "skipped": skipped,
             "fma_peak_gflops_by_round": peaks}
 
@@ -653,8 +676,9 @@ def markdown(result: dict[str, Any]) -> str:
             error = "reference" if check is None else f"{check['max_abs_error']:.1e}"
             sched = row.get("schedules")
             tuned = "–"
-            if sched and row["runtime"] == TUNED:
-                by_cpu = model["tuning"].get("trials_by_cpu") or {"?": model["tuning"].get("trials", "?")}
+            if sched and row["runtime"] in (TUNED, BEFORE):
+                log = model["tuning" if row["runtime"] == TUNED else "tuning_before"]
+                by_cpu = log.get("trials_by_cpu") or {"?": log.get("trials", "?")}
                 tuned = f"{sched['tuned']}/{sched['total']} (trials: " + ", ".join(
                     f"{n:,} on {cpu}" for cpu, n in sorted(by_cpu.items(), key=lambda item: -item[1])) + ")"
             elif sched:
@@ -664,6 +688,11 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{_fmt(row['ratio_to_onnxruntime'])} | {_fmt(row.get('ratio_to_untuned'))} | "
                 f"{error} | "
                 f"{'–' if check is None else ('pass' if check['passed'] else '**FAIL**')} | {tuned} |")
+        tuned_row = next((row for row in model["runtimes"] if row["runtime"] == TUNED), {})
+        if tuned_row.get("ratio_to_before") is not None:
+            rounds = tuned_row["round_ratios_to_before"]
+            notes.append(f"- {model['model']}: {TUNED} / {BEFORE} (the log under {model['tuning_before']['root']}) "
+                         f"= {tuned_row['ratio_to_before']:.3f} (rounds {min(rounds):.2f}-{max(rounds):.2f})")
         in_place = {row["runtime"]: row.get("input_read_in_place") for row in model["runtimes"]
                     if row.get("input_read_in_place") is not None}
         if in_place:
@@ -702,6 +731,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--tuning-logs", type=Path, default=REPO / "tuning_logs",
                         help="tuning-log root looked up like tvmnet compile does (default: the repo's tuning_logs/)")
+    parser.add_argument("--before-logs", type=Path, default=None,
+                        help=f"a second tuning-log root (an earlier commit's tuning_logs/): its artifact is timed "
+                             f"as {BEFORE} in the same alternation")
     parser.add_argument("--no-openvino", action="store_true", help="leave OpenVINO out even when it is installed")
     parser.add_argument("--worker", choices=RUNTIME_ORDER, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -728,6 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work_dir = args.work_dir.resolve()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     args.tuning_logs = args.tuning_logs.resolve()
+    args.before_logs = args.before_logs.resolve() if args.before_logs is not None else None
     openvino_version = _version("openvino")
     openvino_ok = openvino_version is not None and not args.no_openvino
     args.openvino_note = ("left out (--no-openvino)" if args.no_openvino else

@@ -1,8 +1,8 @@
 """Smoke test of bench/compare.py: structure only (the numbers of a 2-core busy machine mean nothing).
 
 Runs the script in a subprocess on MobileNetV2 α=0.25 ρ=96 with a handful of runs, into a temporary
-work and results directory, with a tuning-log root that holds nothing (so the tuned row must say
-"no tuning log" and no task extraction is paid for).
+work and results directory, with tuning-log roots that hold nothing (so the tuned rows, ``--before-logs``'
+too, must say "no tuning log" and no task extraction is paid for).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ def test_compare_smoke(tmp_path):
     logs.mkdir()
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "compare.py"), "--models", "mobilenet_v2:0.25:96",
-         "--runs", str(RUNS), "--rounds", str(ROUNDS), "--warmup", "2", "--pause", "0.05", "--threads", "2", "--settle", "0",
-         "--work-dir", str(work), "--results-dir", str(results), "--tuning-logs", str(logs)],
+         "--runs", str(RUNS), "--rounds", str(ROUNDS), "--warmup", "2", "--pause", "0.05", "--threads", "2",
+         "--settle", "0", "--work-dir", str(work), "--results-dir", str(results), "--tuning-logs", str(logs),
+         "--before-logs", str(logs)],
         capture_output=True, text=True, timeout=280, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -44,6 +45,7 @@ def test_compare_smoke(tmp_path):
     rows = {row["runtime"]: row for row in model["runtimes"]}
     assert {"onnxruntime", "tvmnet-untuned"} <= set(rows)
     assert "no tuning log" in model["skipped"]["tvmnet-tuned"] and "tvmnet-tuned" not in rows
+    assert "no tuning log" in model["skipped"]["tvmnet-tuned-before"] and "tvmnet-tuned-before" not in rows
     assert ("openvino" in rows) != ("openvino" in model["skipped"])
     # every block ran in alternation, each runtime once per round
     assert sorted(model["block_order"]) == sorted(list(rows) * ROUNDS)
