@@ -411,8 +411,8 @@ def test_remeasure_times_each_tasks_next_fastest_records_against_its_fastest(tun
     """``remeasure=2, trials=0`` on a log measured under other conditions (its times multiplied by 1000, as
     if measured on a far busier host): each task's 2nd fastest schedule and, for the task that has one, its
     fastest schedule from another CPU are timed side by side with its fastest record and stored beside the
-    old records, on the log's scale (within 10x of the fastest record's stored time, where times stored
-    as measured would be about 1000x below it); the fastest is not stored again; nothing is searched."""
+    old records, on the log's scale (within 20x of the same schedule's earlier stored time, where times
+    stored as measured would be about 1000x below it); the fastest is not stored again; nothing is searched."""
     import json
     import shutil
     from collections import Counter
@@ -453,9 +453,11 @@ def test_remeasure_times_each_tasks_next_fastest_records_against_its_fastest(tun
     old_times = {float(r.run_secs[0]) for r in before}
     new_records = [r for r in after if float(r.run_secs[0]) not in old_times]
     assert len(new_records) == 3
+    stored_before = {(_shash(r.workload.mod), str(r.trace)): float(r.run_secs[0]) for r in before}
     for record in new_records:
-        ratio = float(record.run_secs[0]) / float(fastest[_shash(record.workload.mod)][0].run_secs[0])
-        assert 0.1 < ratio < 10, (ratio, lines)
+        # the same schedule's earlier time is on the log's scale too; a time stored as measured would be ~1000x below
+        ratio = float(record.run_secs[0]) / stored_before[(_shash(record.workload.mod), str(record.trace))]
+        assert 0.05 < ratio < 20, (ratio, lines)
     assert sorted(a.trials - t.trials for a, t in zip(again.tasks, tuned[0].tasks)) == [1, 2]
 
 
