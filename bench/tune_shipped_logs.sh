@@ -40,6 +40,10 @@
 #                                bench/breakdown.py (30 min, `--tasks fused_conv2dN_` for each), then 464 (12 min)
 #   MobileNetV3-Large-1.0-224    768 trials (20 min)
 #   MobileNetV1-1.0-224          736 trials (15 min)
+# On 2026-12-03 (from 23:52 UTC, Zen 3, a busy host) the padded tasks' seeds (tvmnet/search_space.py) were timed
+# side by side with each task's fastest record: `tvmnet tune MODEL --remeasure 1 --trials 0 --tasks ...` on
+# V1's 2, V2's 5, V3-Large's 3 and V3-Small's 3 pointwise convolutions on 7x7 pixels (1.5-2.5 min per model;
+# bench/README item 24). Run from scratch, this script's first tune of each model measures them itself.
 # Resumable: every measured record is kept, so stop it at any time and run it again; a larger budget
 # (first argument: a factor, default 1) adds trials where the time is (tvmnet's scheduler picks by
 # weight x latency, tasks with no trial first).
