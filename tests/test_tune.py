@@ -54,6 +54,24 @@ def _trials(records: list) -> list:
     return [r for r in records if not is_baseline(r)]
 
 
+def _copy_measured_slower(log_dir: Path, copy: Path, factor: float = 1000) -> Path:
+    """A copy of a tuning log with every stored time multiplied by ``factor``: a log as if measured on a far
+    busier host than the one the test runs on."""
+    import json
+    import shutil
+
+    from tvmnet.tune import RECORD_FILE
+
+    shutil.copytree(log_dir, copy, ignore=shutil.ignore_patterns("logs", ".tune.lock"))
+    slower = []
+    for line in (copy / RECORD_FILE).read_text().splitlines():
+        entry = json.loads(line)
+        entry[1][1] = [secs * factor for secs in entry[1][1]]
+        slower.append(json.dumps(entry, separators=(",", ":")))
+    (copy / RECORD_FILE).write_text("\n".join(slower) + "\n")
+    return copy
+
+
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     """Two tasks x 4 trials into the default log dir under a temporary $TVMNET_TUNING_LOGS."""
@@ -414,7 +432,6 @@ def test_remeasure_times_each_tasks_next_fastest_records_against_its_fastest(tun
     old records, on the log's scale (within 20x of the same schedule's earlier stored time, where times
     stored as measured would be about 1000x below it); the fastest is not stored again; nothing is searched."""
     import json
-    import shutil
     from collections import Counter
 
     from tvmnet.targets import get_target
@@ -422,13 +439,8 @@ def test_remeasure_times_each_tasks_next_fastest_records_against_its_fastest(tun
 
     here = str(get_target("x86").tvm_target().attrs["mcpu"])
     other = "skylake-avx512" if here != "skylake-avx512" else "znver3"
-    log = tmp_path / "log"
-    shutil.copytree(tuned[0].log_dir, log, ignore=shutil.ignore_patterns("logs", ".tune.lock"))
-    slower = []
-    for line in (log / RECORD_FILE).read_text().splitlines():
-        entry = json.loads(line)
-        entry[1][1] = [secs * 1000 for secs in entry[1][1]]
-        slower.append(json.dumps(entry, separators=(",", ":")))
+    log = _copy_measured_slower(tuned[0].log_dir, tmp_path / "log")
+    slower = (log / RECORD_FILE).read_text().splitlines()
     # the last trial of the log, as if the other CPU had measured it: measured here again, it is one more record
     trial = next(line for line in reversed(slower) if json.loads(line)[1][0][0])
     slower.append(trial.replace(f'"mcpu":"{here}"', f'"mcpu":"{other}"'))
@@ -459,6 +471,33 @@ def test_remeasure_times_each_tasks_next_fastest_records_against_its_fastest(tun
         ratio = float(record.run_secs[0]) / stored_before[(_shash(record.workload.mod), str(record.trace))]
         assert 0.05 < ratio < 20, (ratio, lines)
     assert sorted(a.trials - t.trials for a, t in zip(again.tasks, tuned[0].tasks)) == [1, 2]
+
+
+def test_recheck_stores_the_searchs_fastest_candidates_again_on_the_logs_scale(tuned, tmp_path):
+    """``recheck=1`` on a log measured under other conditions (its times multiplied by 1000): after a short
+    search, each task's fastest new candidate is timed side by side with the task's fastest earlier record and
+    stored a second time, about 1000x above the time the search stored for it (as measured), where a
+    recheck that stored the raw time again would give about 1x."""
+    from tvmnet.tune import _shash
+
+    log = _copy_measured_slower(tuned[0].log_dir, tmp_path / "log")
+    before = {(_shash(r.workload.mod), str(r.trace)) for r in _database_records(log)}
+
+    lines: list[str] = []
+    result = tvmnet_tune(_model(), trials=len(_trials(_database_records(log))) + 8, tasks=TASKS, log_dir=log,
+                         recheck=1, progress=lines.append, **SMALL)
+    assert result.new_trials == 8, lines
+    assert sum("(this search's fastest) side by side with its fastest record, 5 rounds" in line
+               for line in lines) == len([t for t in result.tasks if t.new_trials]), lines
+    by_schedule: dict[tuple, list[float]] = {}
+    for record in _database_records(log):
+        key = (_shash(record.workload.mod), str(record.trace))
+        if key not in before:
+            by_schedule.setdefault(key, []).append(float(record.run_secs[0]))
+    rechecked = {key: sorted(times) for key, times in by_schedule.items() if len(times) == 2}
+    assert len(rechecked) == sum(1 for t in result.tasks if t.new_trials), (by_schedule, lines)
+    for as_measured, on_the_logs_scale in rechecked.values():
+        assert 50 < on_the_logs_scale / as_measured < 20000, (as_measured, on_the_logs_scale, lines)
 
 
 @pytest.mark.timeout(300)

@@ -104,6 +104,10 @@ def compile_cmd(model: str | None, target: str, output: Path, input_shapes: tupl
                    "CPU and its padded seeds (if it has no padded record) side by side with its fastest, and "
                    "store them on the log's scale: re-ranks a log measured under other conditions; "
                    "--trials 0 stops after that.")
+@click.option("--recheck", type=int, default=0, metavar="N",
+              help="After the search, time each task's N fastest new candidates side by side with its fastest "
+                   "earlier record and store them on the log's scale (a host busier now than when the log was "
+                   "measured).")
 @click.option("--alpha", type=float, default=1.0, show_default=True, help="Width multiplier for zoo models.")
 @click.option("--resolution", type=int, default=224, show_default=True, help="Input resolution for zoo models.")
 @_input_shape
@@ -113,7 +117,7 @@ def compile_cmd(model: str | None, target: str, output: Path, input_shapes: tupl
 def tune_cmd(model: str | None, target: str, trials: int | None, trials_per_task: int | None,
              task_names: tuple[str, ...], log_dir: Path | None, timeout_s: float, number: int, repeat: int,
              min_repeat_ms: int, early_stopping: int | None, trials_per_iter: int, seed: int, remeasure: int,
-             alpha: float,
+             recheck: int, alpha: float,
              resolution: int, input_shapes: tuple[str, ...], rpc_tracker: str | None, rpc_key: str | None, as_json: bool) -> None:
     """Tune MODEL's kernels for TARGET with MetaSchedule; Ctrl-C keeps every measured record, rerun resumes."""
     from .frontend import parse_input_shapes
@@ -122,7 +126,7 @@ def tune_cmd(model: str | None, target: str, trials: int | None, trials_per_task
     result = tune(model, target=target, trials=trials, trials_per_task=trials_per_task,
                   tasks=list(task_names) or None, log_dir=log_dir, timeout_s=timeout_s, number=number,
                   repeat=repeat, min_repeat_ms=min_repeat_ms, early_stopping=early_stopping,
-                  num_trials_per_iter=trials_per_iter, seed=seed, remeasure=remeasure,
+                  num_trials_per_iter=trials_per_iter, seed=seed, remeasure=remeasure, recheck=recheck,
                   alpha=alpha, resolution=resolution, input_shapes=parse_input_shapes(input_shapes),
                   rpc_tracker=rpc_tracker, rpc_key=rpc_key, progress=lambda msg: _stderr(f"[tvmnet] {msg}"))
     if as_json:

@@ -705,6 +705,16 @@ def _select(tasks: list, names: Sequence[str] | None) -> list:
 # Progress measure callback
 
 
+def _run_seconds(runner_results) -> list[float | None]:
+    """Each result's mean run time in seconds, None where it failed."""
+    times: list[float | None] = []
+    for result in runner_results:
+        secs = (sum(float(s) for s in result.run_secs) / len(result.run_secs)
+                if result.error_msg is None and result.run_secs is not None and len(result.run_secs) else None)
+        times.append(secs if secs is not None and secs < FAILED_SECONDS else None)
+    return times
+
+
 def _make_progress_callback(names, weights, state, say):
     ms = _ms()
     from tvm.ir.utils import derived_object
@@ -716,17 +726,20 @@ def _make_progress_callback(names, weights, state, say):
             state["new"][task_id] += n
             state["done"] += n
             improved = False
-            for result in runner_results:
-                if result.error_msg is not None or result.run_secs is None or len(result.run_secs) == 0:
-                    continue
-                secs = sum(float(s) for s in result.run_secs) / len(result.run_secs)
-                if secs >= FAILED_SECONDS:
+            for secs in _run_seconds(runner_results):
+                if secs is None:
                     continue
                 best = state["best"][task_id]
                 if best is None or secs < best:
                     state["best"][task_id] = secs
                     improved = True
             state["stale"][task_id] = 0 if improved else state["stale"][task_id] + n
+            if state["recheck"]:  # this run's fastest candidates of the task, to time side by side afterwards
+                found = state["found"][task_id]
+                found += [(secs, candidate.sch.trace) for candidate, secs in zip(measure_candidates, _run_seconds(runner_results))
+                          if secs is not None]
+                found.sort(key=lambda pair: pair[0])
+                del found[state["recheck"]:]
             errors = sum(1 for r in runner_results if r.error_msg is not None)
             elapsed = time.monotonic() - state["started"]
             total = state["budget"]
@@ -882,6 +895,7 @@ def tune(
     builder_workers: int | None = None,
     builder_timeout_s: float = 120.0,
     remeasure: int = 0,
+    recheck: int = 0,
 ) -> TuneResult:
     """Tune ``model`` (path, zoo name, ModelProto, None for MobileNetV2) for ``target`` with MetaSchedule.
 
@@ -903,6 +917,11 @@ def tune(
     7x7 pixels) that has no padded record on this CPU yet first gets its padded seeds timed (9 schedules at
     7x7, on top of ``trials``), side by side with its fastest record, when it is tuned or ``remeasure`` is
     given; the search then starts from them.
+
+    ``recheck=K`` times, after the search, each task's K fastest candidates of this run side by side with
+    the task's fastest record from before it, and stores them again on the log's scale. The search stores
+    its candidates as measured, so on a host busier now than when the log was measured a better schedule
+    found now can lose to the old record in ``compile``; a task with no earlier record here is not rechecked.
     """
     from . import pipeline, search_space
     from .build import resolve_model
@@ -991,12 +1010,16 @@ def tune(
                 extracted_tasks=chosen, work_dir=str(log_dir), strategy=strategy, seed=seed,
                 space=search_space.space_for(chosen[0].dispatched[0], tvm_target))
             _quiet_console()
+            # the fastest record of each task before the search: what its rechecked candidates are timed against
+            earlier = [records[0] if records else None
+                       for records in _tuned_by_speed(database, chosen, lambda c: c == cpu)] if recheck else []
             per_iter = max(1, min(num_trials_per_iter, max(per_task_left[i] for i in to_tune)))
             state = {"new": [0] * len(chosen), "best": [before[hashes[i]][1] for i in to_tune],
                      "stale": [0] * len(chosen), "stopped": set(), "done": 0, "budget": remaining,
                      "started": time.monotonic(), "weights": [float(w) for w in weights],
                      "early_stopping": early_stopping, "interrupted": interrupted,
-                     "had": [existing[i] for i in to_tune]}
+                     "had": [existing[i] for i in to_tune],
+                     "recheck": max(0, recheck), "found": [[] for _ in chosen]}
             scheduler = _make_scheduler(state, say, [t.task_name for t in chosen])
             callbacks = ms.measure_callback.MeasureCallback.create("default") + [
                 _make_progress_callback([t.task_name for t in chosen], [int(w) for w in weights], state, say)]
@@ -1010,6 +1033,15 @@ def tune(
                 max(per_task_left[i] for i in to_tune), per_iter, builder, runner, callbacks, database, cost_model)
             for j, i in enumerate(to_tune):
                 new[i] = state["new"][j]
+            for task, against, found in zip(chosen, earlier, state["found"]):
+                if interrupted.is_set():
+                    break
+                if against is not None and found:
+                    records = [ms.database.TuningRecord(trace, ms.database.Workload(task.dispatched[0]))
+                               for _secs, trace in found]
+                    measure_schedules([task] * len(records), builder, runner, database, tvm_target, say,
+                                      records=records, what="this search's fastest", against=against,
+                                      rounds=SIDE_BY_SIDE_ROUNDS)
         after = database_stats(database, selected, cpu)
 
     result = TuneResult(log_dir=log_dir, target=spec.name, fingerprint=fingerprint, runner=runner_name)
