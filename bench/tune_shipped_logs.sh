@@ -44,6 +44,9 @@
 # side by side with each task's fastest record: `tvmnet tune MODEL --remeasure 1 --trials 0 --tasks ...` on
 # V1's 2, V2's 5, V3-Large's 3 and V3-Small's 3 pointwise convolutions on 7x7 pixels (1.5-2.5 min per model;
 # bench/README item 24). Run from scratch, this script's first tune of each model measures them itself.
+# Since 2026-12-04 each tune below also rechecks its search (`--recheck 2`: each task's 2 fastest new
+# candidates timed side by side with its earlier fastest record), so a later run on a busier host still
+# adds what it finds on the log's scale (bench/README item 25).
 # Resumable: every measured record is kept, so stop it at any time and run it again; a larger budget
 # (first argument: a factor, default 1) adds trials where the time is (tvmnet's scheduler picks by
 # weight x latency, tasks with no trial first).
@@ -52,7 +55,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 factor=${1:-1}
 export TVMNET_TUNING_LOGS="${TVMNET_TUNING_LOGS:-$PWD/tuning_logs}"
-tune() { echo "=== $(date -u +%FT%TZ) $*"; tvmnet tune "$@" --target x86; }
+tune() { echo "=== $(date -u +%FT%TZ) $*"; tvmnet tune "$@" --target x86 --recheck 2; }
 tune mobilenet_v2 --trials $((1500 * factor)) --trials-per-iter 32
 tune mobilenet_v2 --trials $((4576 * factor)) --trials-per-iter 16
 tune mobilenet_v1 --trials $((2162 * factor)) --trials-per-iter 16
