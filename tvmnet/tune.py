@@ -500,13 +500,16 @@ def make_runner(spec, *, rpc_tracker, rpc_key, timeout_s, number, repeat, min_re
 # Database accounting
 
 
-def _record_seconds(record) -> float | None:
-    secs = record.run_secs
-    if secs is None or len(secs) == 0:
+def _mean_seconds(run_secs) -> float | None:
+    """The mean of one measurement's run times; None without any, or where MetaSchedule marked the run failed."""
+    if run_secs is None or len(run_secs) == 0:
         return None
-    values = [float(s) for s in secs]
-    mean = sum(values) / len(values)
+    mean = sum(float(s) for s in run_secs) / len(run_secs)
     return None if mean >= FAILED_SECONDS else mean
+
+
+def _record_seconds(record) -> float | None:
+    return _mean_seconds(record.run_secs)
 
 
 def is_baseline(record) -> bool:
@@ -707,12 +710,7 @@ def _select(tasks: list, names: Sequence[str] | None) -> list:
 
 def _run_seconds(runner_results) -> list[float | None]:
     """Each result's mean run time in seconds, None where it failed."""
-    times: list[float | None] = []
-    for result in runner_results:
-        secs = (sum(float(s) for s in result.run_secs) / len(result.run_secs)
-                if result.error_msg is None and result.run_secs is not None and len(result.run_secs) else None)
-        times.append(secs if secs is not None and secs < FAILED_SECONDS else None)
-    return times
+    return [None if result.error_msg is not None else _mean_seconds(result.run_secs) for result in runner_results]
 
 
 def _make_progress_callback(names, weights, state, say):
@@ -726,7 +724,8 @@ def _make_progress_callback(names, weights, state, say):
             state["new"][task_id] += n
             state["done"] += n
             improved = False
-            for secs in _run_seconds(runner_results):
+            times = _run_seconds(runner_results)
+            for secs in times:
                 if secs is None:
                     continue
                 best = state["best"][task_id]
@@ -736,7 +735,7 @@ def _make_progress_callback(names, weights, state, say):
             state["stale"][task_id] = 0 if improved else state["stale"][task_id] + n
             if state["recheck"]:  # this run's fastest candidates of the task, to time side by side afterwards
                 found = state["found"][task_id]
-                found += [(secs, candidate.sch.trace) for candidate, secs in zip(measure_candidates, _run_seconds(runner_results))
+                found += [(secs, candidate.sch.trace) for candidate, secs in zip(measure_candidates, times)
                           if secs is not None]
                 found.sort(key=lambda pair: pair[0])
                 del found[state["recheck"]:]
