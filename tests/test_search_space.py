@@ -98,6 +98,8 @@ def test_padded_seeds_carry_the_register_tiles_the_padding_is_for(tmp_path):
             continue
         seeded.append((task, len(seeds)))
         for trace in seeds:
+            assert _replays_as_the_search_does(trace, task.dispatched[0], target), task.task_name
+        for trace in seeds:
             assert search_space.is_padded(trace)
             tiles = [trace.decisions[inst] for inst in trace.insts if inst.kind.name == "SamplePerfectTile"]
             # 9 pixels padded to 10, 5 per register tile; the postprocessing (parallel, vectorize) included
@@ -117,3 +119,58 @@ def test_padded_seeds_carry_the_register_tiles_the_padding_is_for(tmp_path):
     assert len(records) == count and all(search_space.is_padded(record.trace) for record in records), lines
     (task,) = tune._as_stored([task], database)
     assert tune._padded_seeds([task], database, target, tune.cpu_of(target)) == [[]]
+
+
+def _replays_as_the_search_does(trace, workload, target) -> bool:
+    """The evolutionary search takes a task's fastest records from the database, replays each without
+    its postprocessing and runs the postprocessors again (MetaSchedule's ThreadedTraceApply)."""
+    from tvm.s_tir import Schedule
+
+    from tvmnet.search_space import space_for
+
+    sch = Schedule(workload)
+    trace.apply_to_schedule(sch, remove_postproc=True)
+    return all(postproc.apply(sch) for postproc in space_for(workload, target).postprocs)
+
+
+@pytest.mark.timeout(300)
+def test_tune_marks_the_postprocessing_of_seeds_made_without_the_marker(tmp_path):
+    """Seeds made before 2026-12-04 had no EnterPostproc: the search replayed their postprocessing and
+    ran RewriteLayout again on top, and TVM aborted the whole tune on an internal check (V1 and
+    V3-Small on a new CPU, whose fresh seeds were among each task's fastest records)."""
+    from tvm.s_tir import Schedule
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvmnet import pipeline, search_space, tune
+    from tvmnet.frontend import load_onnx
+    from tvmnet.targets import get_target
+
+    target = get_target("x86").tvm_target()
+    fused = pipeline.fuse(load_onnx(_model()).to_relax(), target)
+    workload, seed = next((task.dispatched[0], seeds[0]) for task in tune.extract_tasks(fused, target)
+                          if (seeds := search_space.padded_seeds(task.dispatched[0], target)))
+    old = Schedule(workload)  # as padded_seeds made them: postprocessors run without entering postprocessing
+    seed.apply_to_schedule(old, remove_postproc=True)
+    assert all(postproc.apply(old) for postproc in search_space.space_for(workload, target).postprocs)
+    assert not search_space.has_postproc_marker(old.trace)
+    with pytest.raises(Exception, match="initial_indices_orig"):  # the abort, as TVM 0.27 has it
+        _replays_as_the_search_does(old.trace, workload, target)
+
+    log = tmp_path / "log"
+    log.mkdir()
+    stale = ms.database.JSONDatabase(work_dir=str(log))
+    stale.commit_tuning_record(ms.database.TuningRecord(
+        old.trace, stale.commit_workload(workload), [1e-6], target,
+        ms.arg_info.ArgInfo.from_entry_func(workload, remove_preproc=True)))
+    messages: list[str] = []
+    (record,) = tune.open_database(log, repair=True, warn=messages.append).get_all_tuning_records()
+    assert "marked where postprocessing starts in 1 padded seed record" in messages[0], messages
+    assert search_space.has_postproc_marker(record.trace)
+    assert _replays_as_the_search_does(record.trace, workload, target)
+    # the same schedule and time: only the marker was added
+    assert str(record.trace).replace("  sch.enter_postproc()\n", "") == str(old.trace)
+    assert [float(t) for t in record.run_secs] == [1e-6]
+    # the file was rewritten: a second open finds nothing to mark
+    messages.clear()
+    tune.open_database(log, repair=True, warn=messages.append)
+    assert messages == []

@@ -162,8 +162,51 @@ def padded_seeds(workload: tvm.IRModule, target: tvm.target.Target) -> list:
                 seed = seed.with_decision(tiles[2], [channels // floats, 1, 1, floats], True)
                 seed = seed.with_decision(tiles[5], [inputs, 1], True)
                 seed = seed.with_decision(unroll[0], len(unroll[0].attrs[0]) - 1, True)
-                sch = Schedule(workload)
-                seed.apply_to_schedule(sch, remove_postproc=True)
-                if all(postproc.apply(sch) for postproc in context.space_generator.postprocs):
+                sch = _postprocessed(seed, workload, context.space_generator.postprocs)
+                if sch is not None:
                     seeds.append(sch.trace)  # as the search stores a candidate: its postprocessing included
     return seeds
+
+
+def _postprocessed(trace, workload: tvm.IRModule, postprocs) -> Schedule | None:
+    """``trace`` replayed on ``workload`` as the search replays a record: without its postprocessing,
+    then ``postprocs`` run again after the ``EnterPostproc`` marker. None if a postprocessor refuses."""
+    sch = Schedule(workload)
+    trace.apply_to_schedule(sch, remove_postproc=True)
+    sch.enter_postproc()
+    return sch if all(postproc.apply(sch) for postproc in postprocs) else None
+
+
+def has_postproc_marker(trace) -> bool:
+    """Whether ``trace`` marks where its postprocessing starts (``EnterPostproc``).
+
+    The evolutionary search replays a task's fastest records without their postprocessing and runs the
+    postprocessors again. A trace without the marker keeps its postprocessing, so RewriteLayout rewrites
+    the weights' layout a second time and TVM aborts the whole tune on an internal check
+    (``args.size() == initial_indices_orig.size()``). Seeds made before 2026-12-04 lack it."""
+    return any(inst.kind.name == "EnterPostproc" for inst in trace.insts)
+
+
+def with_postproc_marker(trace, workload: tvm.IRModule, target: tvm.target.Target):
+    """A padded seed's ``trace`` with the ``EnterPostproc`` marker put back where its postprocessing
+    starts (after the instructions of the padded design space it was made from), or None if no such
+    place gives a trace that replays the way the search replays it."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.schedule import Instruction, InstructionKind, Trace
+
+    context = ms.TuneContext(mod=workload, target=target, space_generator=space_for(workload, target),
+                             task_name="padded seeds")
+    kinds = [inst.kind.name for inst in trace.insts]
+    starts = sorted({len(space.trace.insts) for space in context.generate_design_space() if is_padded(space.trace)
+                     and kinds[:len(space.trace.insts)] == [inst.kind.name for inst in space.trace.insts]})
+    marker = Instruction(InstructionKind.get("EnterPostproc"), [], [], [])
+    for start in starts:
+        marked = Trace(list(trace.insts[:start]) + [marker] + list(trace.insts[start:]), dict(trace.decisions))
+        try:
+            if _postprocessed(marked, workload, context.space_generator.postprocs) is not None:
+                stored = Schedule(workload)
+                marked.apply_to_schedule(stored, remove_postproc=False)
+                return stored.trace  # made by TVM, so it serializes like any record's trace
+        except Exception:  # noqa: BLE001 - TVM reports a failed replay as ScheduleError or an internal error
+            pass
+    return None

@@ -188,10 +188,18 @@ def open_database(log_dir: str | os.PathLike, *, repair: bool = False, warn: Pro
     blank line or a hand edit), without saying which. Fast path: TVM's own loader. If it fails, every
     line is checked on its own and only the good ones are loaded. ``repair=False`` (compile) loads a
     cleaned copy and leaves the files alone; ``repair=True`` (tune, holding the lock) moves the bad
-    lines to ``<file>.corrupt`` and rewrites the file, so that new records append to a loadable database.
+    lines to ``<file>.corrupt`` and rewrites the file, so that new records append to a loadable database,
+    and marks the postprocessing of older padded seeds, so that the search can replay them.
     """
-    ms = _ms()
     path = Path(log_dir)
+    database = _open_checked_database(path, repair=repair, warn=warn)
+    if repair and _mark_seed_postprocessing(path, warn=warn):
+        database = _ms().database.JSONDatabase(work_dir=str(path), module_equality=MODULE_EQUALITY)
+    return database
+
+
+def _open_checked_database(path: Path, *, repair: bool, warn: Progress | None):
+    ms = _ms()
     try:
         return ms.database.JSONDatabase(work_dir=str(path), module_equality=MODULE_EQUALITY)
     except Exception:  # noqa: BLE001 - TVM raises InternalError/RuntimeError/ValueError here alike
@@ -222,6 +230,53 @@ def open_database(log_dir: str | os.PathLike, *, repair: bool = False, warn: Pro
             import shutil
 
             shutil.rmtree(target_dir, ignore_errors=True)  # the database is in memory now
+
+
+def _mark_seed_postprocessing(path: Path, *, warn: Progress | None) -> int:
+    """Put the ``EnterPostproc`` marker into the padded seed records of ``path`` made before seeds had
+    it (:func:`search_space.has_postproc_marker`: without it the search aborts on them), rewriting the
+    record file in place; a record that cannot be marked moves to ``<file>.corrupt``. Returns how many
+    records changed. Called by ``tune`` only, holding the lock; ``compile`` applies such records as they are."""
+    import json
+    import tempfile
+
+    from . import search_space
+
+    records_file = path / RECORD_FILE
+    lines = [line for _number, line in _numbered_lines(records_file)]
+    stale = {i for i, line in enumerate(lines) if '"PadEinsum"' in line and '"EnterPostproc"' not in line}
+    if not stale:
+        return 0
+    ms = _ms()
+    workloads = [ms.database.Workload.from_json(json.loads(line))
+                 for _number, line in _numbered_lines(path / WORKLOAD_FILE) if line.strip()]
+    marked: dict[int, tuple[int, object]] = {}  # line -> (workload index, record with the marker)
+    for i in sorted(stale):
+        index, stored = json.loads(lines[i])
+        record = ms.database.TuningRecord.from_json(stored, workloads[int(index)])
+        trace = search_space.with_postproc_marker(record.trace, record.workload.mod, record.target)
+        if trace is not None:
+            marked[i] = (int(index), ms.database.TuningRecord(trace, record.workload, record.run_secs,
+                                                              record.target, record.args_info))
+    with tempfile.TemporaryDirectory(prefix="tvmnet-db-") as scratch:  # TVM writes the lines, as tune does
+        serializer = ms.database.JSONDatabase(work_dir=scratch, module_equality=MODULE_EQUALITY)
+        for _index, record in marked.values():
+            serializer.commit_tuning_record(ms.database.TuningRecord(
+                record.trace, serializer.commit_workload(record.workload.mod), record.run_secs, record.target,
+                record.args_info))
+        written = [json.loads(line)[1] for _number, line in _numbered_lines(Path(scratch) / RECORD_FILE)]
+    replaced = {i: json.dumps([index, stored], separators=(",", ":"))
+                for (i, (index, _record)), stored in zip(marked.items(), written)}
+    kept = [replaced.get(i, line) for i, line in enumerate(lines) if i not in stale or i in replaced]
+    unmarked = [lines[i] for i in sorted(stale) if i not in replaced]
+    if unmarked:
+        with open(path / f"{RECORD_FILE}.corrupt", "a", encoding="utf-8") as stream:
+            stream.write("".join(line + "\n" for line in unmarked))
+    _write_lines_atomically(records_file, kept)
+    (warn or _warn)(f"{path}: marked where postprocessing starts in {len(stale) - len(unmarked)} padded seed "
+                    f"record(s) of an older tvmnet, which the search could not replay"
+                    + (f"; moved {len(unmarked)} it could not mark to {RECORD_FILE}.corrupt" if unmarked else ""))
+    return len(stale)
 
 
 def compile_database(log_dir: str | os.PathLike, *, warn: Progress | None = None, target=None):
