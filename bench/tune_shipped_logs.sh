@@ -47,6 +47,10 @@
 # Since 2026-12-04 each tune below also rechecks its search (`--recheck 2`: each task's 2 fastest new
 # candidates timed side by side with its earlier fastest record), so a later run on a busier host still
 # adds what it finds on the log's scale (bench/README item 25).
+# On 2026-12-04 the logs got records of a third CPU, an Intel Xeon with AVX-512 that LLVM names `rocketlake`
+# (2 cores; bench/README item 26): `tvmnet tune MODEL --remeasure 8 --trials 0` for each model (8 min in all),
+# then time-boxed searches at 16 per task per round: V3-Large 18 min (672 trials), V2-0.5-160 7 min (272),
+# V1 12 min (416) and V3-Small 6 min (208).
 # Resumable: every measured record is kept, so stop it at any time and run it again; a larger budget
 # (first argument: a factor, default 1) adds trials where the time is (tvmnet's scheduler picks by
 # weight x latency, tasks with no trial first).
