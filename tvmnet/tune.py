@@ -250,23 +250,21 @@ def _mark_seed_postprocessing(path: Path, *, warn: Progress | None) -> int:
     ms = _ms()
     workloads = [ms.database.Workload.from_json(json.loads(line))
                  for _number, line in _numbered_lines(path / WORKLOAD_FILE) if line.strip()]
-    marked: dict[int, tuple[int, object]] = {}  # line -> (workload index, record with the marker)
-    for i in sorted(stale):
-        index, stored = json.loads(lines[i])
-        record = ms.database.TuningRecord.from_json(stored, workloads[int(index)])
-        trace = search_space.with_postproc_marker(record.trace, record.workload.mod, record.target)
-        if trace is not None:
-            marked[i] = (int(index), ms.database.TuningRecord(trace, record.workload, record.run_secs,
-                                                              record.target, record.args_info))
+    marked: list[tuple[int, int]] = []  # (line, workload index) of each record the serializer wrote, in order
     with tempfile.TemporaryDirectory(prefix="tvmnet-db-") as scratch:  # TVM writes the lines, as tune does
         serializer = ms.database.JSONDatabase(work_dir=scratch, module_equality=MODULE_EQUALITY)
-        for _index, record in marked.values():
+        for i in sorted(stale):
+            index, stored = json.loads(lines[i])
+            record = ms.database.TuningRecord.from_json(stored, workloads[int(index)])
+            trace = search_space.with_postproc_marker(record.trace, record.workload.mod, record.target)
+            if trace is None:
+                continue
             serializer.commit_tuning_record(ms.database.TuningRecord(
-                record.trace, serializer.commit_workload(record.workload.mod), record.run_secs, record.target,
+                trace, serializer.commit_workload(record.workload.mod), record.run_secs, record.target,
                 record.args_info))
+            marked.append((i, int(index)))
         written = [json.loads(line)[1] for _number, line in _numbered_lines(Path(scratch) / RECORD_FILE)]
-    replaced = {i: json.dumps([index, stored], separators=(",", ":"))
-                for (i, (index, _record)), stored in zip(marked.items(), written)}
+    replaced = {i: json.dumps([index, stored], separators=(",", ":")) for (i, index), stored in zip(marked, written)}
     kept = [replaced.get(i, line) for i, line in enumerate(lines) if i not in stale or i in replaced]
     unmarked = [lines[i] for i in sorted(stale) if i not in replaced]
     if unmarked:
