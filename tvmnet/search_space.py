@@ -14,10 +14,11 @@ so logs tuned before it still apply, and applying a record replays its trace wit
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import tvm
 from tvm.s_tir import Schedule
-from tvm.s_tir.schedule import SBlockRV, ScheduleError
+from tvm.s_tir.schedule import SBlockRV, ScheduleError, Trace
 from tvm.s_tir.meta_schedule.schedule_rule import PyScheduleRule
 from tvm.ir.utils import derived_object
 
@@ -187,26 +188,31 @@ def has_postproc_marker(trace) -> bool:
     return any(inst.kind.name == "EnterPostproc" for inst in trace.insts)
 
 
-def with_postproc_marker(trace, workload: tvm.IRModule, target: tvm.target.Target):
-    """A padded seed's ``trace`` with the ``EnterPostproc`` marker put back where its postprocessing
-    starts (after the instructions of the padded design space it was made from), or None if no such
-    place gives a trace that replays the way the search replays it."""
+def postproc_marker(workload: tvm.IRModule, target: tvm.target.Target) -> Callable[[Trace], Trace | None]:
+    """A function that gives a padded seed's trace of ``workload`` on ``target`` with the ``EnterPostproc``
+    marker put back where its postprocessing starts (after the instructions of the padded design space it
+    was made from), or None if no such place gives a trace that replays the way the search replays it.
+    The design spaces are generated once here, so that a log's many seeds of one task share them."""
     from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.schedule import Instruction, InstructionKind, Trace
+    from tvm.s_tir.schedule import Instruction, InstructionKind
 
     context = ms.TuneContext(mod=workload, target=target, space_generator=space_for(workload, target),
                              task_name="padded seeds")
-    kinds = [inst.kind.name for inst in trace.insts]
-    starts = sorted({len(space.trace.insts) for space in context.generate_design_space() if is_padded(space.trace)
-                     and kinds[:len(space.trace.insts)] == [inst.kind.name for inst in space.trace.insts]})
+    spaces = [[inst.kind.name for inst in space.trace.insts]
+              for space in context.generate_design_space() if is_padded(space.trace)]
     marker = Instruction(InstructionKind.get("EnterPostproc"), [], [], [])
-    for start in starts:
-        marked = Trace(list(trace.insts[:start]) + [marker] + list(trace.insts[start:]), dict(trace.decisions))
-        try:
-            if _postprocessed(marked, workload, context.space_generator.postprocs) is not None:
-                stored = Schedule(workload)
-                marked.apply_to_schedule(stored, remove_postproc=False)
-                return stored.trace  # made by TVM, so it serializes like any record's trace
-        except Exception:  # noqa: BLE001 - TVM reports a failed replay as ScheduleError or an internal error
-            pass
-    return None
+
+    def mark(trace: Trace) -> Trace | None:
+        kinds = [inst.kind.name for inst in trace.insts]
+        for start in sorted({len(space) for space in spaces if kinds[:len(space)] == space}):
+            marked = Trace(list(trace.insts[:start]) + [marker] + list(trace.insts[start:]), dict(trace.decisions))
+            try:
+                if _postprocessed(marked, workload, context.space_generator.postprocs) is not None:
+                    stored = Schedule(workload)
+                    marked.apply_to_schedule(stored, remove_postproc=False)
+                    return stored.trace  # made by TVM, so it serializes like any record's trace
+            except Exception:  # noqa: BLE001 - TVM reports a failed replay as ScheduleError or an internal error
+                pass
+        return None
+
+    return mark

@@ -253,10 +253,14 @@ def _mark_seed_postprocessing(path: Path, *, warn: Progress | None) -> int:
     marked: list[tuple[int, int]] = []  # (line, workload index) of each record the serializer wrote, in order
     with tempfile.TemporaryDirectory(prefix="tvmnet-db-") as scratch:  # TVM writes the lines, as tune does
         serializer = ms.database.JSONDatabase(work_dir=scratch, module_equality=MODULE_EQUALITY)
+        markers: dict[tuple[int, str], Callable] = {}  # one per task and CPU: their seeds share design spaces
         for i in sorted(stale):
             index, stored = json.loads(lines[i])
             record = ms.database.TuningRecord.from_json(stored, workloads[int(index)])
-            trace = search_space.with_postproc_marker(record.trace, record.workload.mod, record.target)
+            key = (int(index), json.dumps(stored[2], sort_keys=True))
+            if key not in markers:
+                markers[key] = search_space.postproc_marker(record.workload.mod, record.target)
+            trace = markers[key](record.trace)
             if trace is None:
                 continue
             serializer.commit_tuning_record(ms.database.TuningRecord(
