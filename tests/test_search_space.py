@@ -145,33 +145,32 @@ def test_tune_marks_the_postprocessing_of_seeds_made_without_the_marker(tmp_path
     fused = pipeline.fuse(load_onnx(_model()).to_relax(), target)
     workload, seeds = next((task.dispatched[0], seeds[:2]) for task in tune.extract_tasks(fused, target)
                            if len(seeds := search_space.padded_seeds(task.dispatched[0], target)) >= 2)
-    olds = []  # as padded_seeds made them: postprocessors run without entering postprocessing
-    for seed in seeds:
+    olds = {}  # run time -> trace, as padded_seeds made them: postprocessors run without entering postprocessing
+    for time, seed in zip((1e-6, 2e-6), seeds):
         old = Schedule(workload)
         seed.apply_to_schedule(old, remove_postproc=True)
         assert all(postproc.apply(old) for postproc in search_space.space_for(workload, target).postprocs)
         assert not search_space.has_postproc_marker(old.trace)
-        olds.append(old.trace)
+        olds[time] = old.trace
     with pytest.raises(Exception, match="initial_indices_orig"):  # the abort, as TVM 0.27 has it
-        _replays_as_the_search_does(olds[0], workload, target)
+        _replays_as_the_search_does(olds[1e-6], workload, target)
 
     log = tmp_path / "log"
     log.mkdir()
     stale = ms.database.JSONDatabase(work_dir=str(log))
-    for time, trace in zip((1e-6, 2e-6), olds):  # two seeds of one task share its marker
+    for time, trace in olds.items():  # two seeds of one task share its marker
         stale.commit_tuning_record(ms.database.TuningRecord(
             trace, stale.commit_workload(workload), [time], target,
             ms.arg_info.ArgInfo.from_entry_func(workload, remove_preproc=True)))
     messages: list[str] = []
     records = tune.open_database(log, repair=True, warn=messages.append).get_all_tuning_records()
     assert "marked where postprocessing starts in 2 padded seed record" in messages[0], messages
-    assert sorted(float(record.run_secs[0]) for record in records) == [1e-6, 2e-6]
+    assert sorted(float(record.run_secs[0]) for record in records) == sorted(olds)
     for record in records:
         assert search_space.has_postproc_marker(record.trace)
         assert _replays_as_the_search_does(record.trace, workload, target)
         # the same schedule and time: only the marker was added
-        old = olds[[1e-6, 2e-6].index(float(record.run_secs[0]))]
-        assert str(record.trace).replace("  sch.enter_postproc()\n", "") == str(old)
+        assert str(record.trace).replace("  sch.enter_postproc()\n", "") == str(olds[float(record.run_secs[0])])
     # the file was rewritten: a second open finds nothing to mark
     messages.clear()
     tune.open_database(log, repair=True, warn=messages.append)
