@@ -51,6 +51,8 @@
 # (2 cores; bench/README item 26): `tvmnet tune MODEL --remeasure 8 --trials 0` for each model (8 min in all),
 # then time-boxed searches at 16 per task per round: V3-Large 18 min (672 trials), V2-0.5-160 7 min (272),
 # V1 12 min (416) and V3-Small 6 min (208).
+# Later that day (item 27) the same searches for V2 30 min (1,024 trials), V3-Large 30 + 18 min (1,664) and V1
+# 25 min (944).
 # Resumable: every measured record is kept, so stop it at any time and run it again; a larger budget
 # (first argument: a factor, default 1) adds trials where the time is (tvmnet's scheduler picks by
 # weight x latency, tasks with no trial first).
