@@ -175,3 +175,95 @@ def test_tune_marks_the_postprocessing_of_seeds_made_without_the_marker(tmp_path
     messages.clear()
     tune.open_database(log, repair=True, warn=messages.append)
     assert messages == []
+
+
+def _pointwise_nhwc(rows: int = 28):
+    """A 1x1 NHWC convolution with a ReLU epilogue on a ``rows`` x ``rows`` map: the shape SplitRows is about."""
+    import tvm
+    from tvm import te
+
+    x = te.placeholder((1, rows, rows, 8), name="x")
+    w = te.placeholder((8, 16), name="w")
+    k = te.reduce_axis((0, 8), name="k")
+    conv = te.compute((1, rows, rows, 16), lambda n, h, v, c: te.sum(x[n, h, v, k] * w[k, c], axis=k), name="conv")
+    relu = te.compute(conv.shape, lambda *i: te.max(conv(*i), 0.0), name="relu")
+    return tvm.IRModule({"main": te.create_prim_func([x, w, relu])})
+
+
+def _parallel_over(workload, axes: str):
+    """``workload`` with its ReLU's loops reordered so ``axes`` (a prefix like "hw" or "c") come first,
+    fused, and parallel; the convolution computed inside each ReLU iteration."""
+    from tvm.s_tir import Schedule
+
+    sch = Schedule(workload)
+    relu = sch.get_sblock("relu")
+    n, h, v, c = sch.get_loops(relu)
+    c_outer, c_inner = sch.split(c, [2, 8])
+    by_name = {"h": h, "w": v, "c": c_outer}
+    first = [by_name[a] for a in axes]
+    rest = [loop for loop in (n, h, v, c_outer) if loop not in first and loop != n]
+    sch.reorder(n, *first, *rest, c_inner)
+    sch.parallel(sch.fuse(n, *first))
+    sch.compute_at(sch.get_sblock("conv"), sch.get_loops(relu)[-1])
+    return sch
+
+
+@pytest.mark.parametrize("axes, rows, follows", [
+    ("h", [(0, 13), (14, 27)], True),    # each thread a contiguous half of the rows
+    ("hw", [(0, 13), (14, 27)], True),   # rows and columns fused: 392 pixels each, still whole rows
+    ("c", [(0, 27), (0, 27)], False),    # each thread half the channels of every row
+    ("wh", [(0, 27), (0, 27)], False),   # columns outermost: every thread writes every row
+    ("", None, True),                    # a parallel loop of one iteration: one thread writes it all
+])
+def test_split_rows_reads_which_rows_each_thread_writes(axes, rows, follows):
+    from tvmnet import search_space
+
+    sch = _parallel_over(_pointwise_nhwc(), axes)
+    func = sch.mod["main"]
+    assert search_space.thread_rows(func, 2) == rows
+    assert search_space.splits_rows(func, 2) is follows
+    assert search_space.SplitRows(2).apply(sch) is follows
+    assert search_space.splits_rows(func, 1)  # one thread: nothing to split
+    # small maps are left free: there the weights, not the activations, are what each core should share
+    assert search_space.splits_rows(_parallel_over(_pointwise_nhwc(14), axes).mod["main"], 2)
+    assert search_space.constrains(_pointwise_nhwc(), 2) and not search_space.constrains(_pointwise_nhwc(14), 2)
+
+
+def test_cpu_search_spaces_split_rows_over_the_targets_cores():
+    import tvm
+
+    from tvmnet.search_space import space_for
+
+    for cores, follows in ((1, True), (2, False), (4, False), (3, True)):  # 28 rows do not split in 3
+        target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64", "num-cores": cores})
+        postprocs = space_for(_pointwise_nhwc(), target).postprocs
+        # SplitRows comes back from TVM as the wrapper of a Python postprocessor, after MetaSchedule's own
+        assert [type(p).__name__ for p in postprocs].index("_PyPostproc") == len(postprocs) - 1
+        assert postprocs[-1].apply(_parallel_over(_pointwise_nhwc(), "wh")) is follows, cores
+        assert postprocs[-1].apply(_parallel_over(_pointwise_nhwc(), "h"))
+
+
+@pytest.mark.parametrize("rows_seconds, applied", [(2e-5, "h"), (3e-5, "c")])
+def test_compile_prefers_a_record_that_splits_rows_unless_it_is_much_slower(tmp_path, rows_seconds, applied):
+    """A log searched before SplitRows holds faster records that split channels; compile takes the fastest
+    record that splits rows when it is at most SPLIT_ROWS_SLOWDOWN (2.5x) slower alone."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvmnet import search_space, tune
+
+    workload = _pointwise_nhwc()
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64", "num-cores": 2})
+    database = ms.database.JSONDatabase(work_dir=str(tmp_path))
+    entry = database.commit_workload(workload)
+    for axes, seconds in (("c", 1e-5), ("h", rows_seconds)):
+        database.commit_tuning_record(ms.database.TuningRecord(
+            _parallel_over(workload, axes).trace, entry, [seconds], target,
+            ms.arg_info.ArgInfo.from_entry_func(workload, remove_preproc=True)))
+
+    def chosen(build_target) -> bool:
+        (record,) = tune.compile_database(tmp_path, target=build_target).get_all_tuning_records()
+        return search_space.trace_splits_rows(record.trace, workload, 2)
+
+    assert chosen(target) is (applied == "h")
+    assert not chosen(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64", "num-cores": 1}))  # fastest: one thread

@@ -282,8 +282,8 @@ def _mark_seed_postprocessing(path: Path, *, warn: Progress | None) -> int:
 
 
 def compile_database(log_dir: str | os.PathLike, *, warn: Progress | None = None, target=None):
-    """An in-memory database holding each workload's fastest measured record from ``log_dir``: what
-    ``compile`` applies.
+    """An in-memory database holding each workload's fastest measured record from ``log_dir`` (see
+    below for the exception): what ``compile`` applies.
 
     TVM 0.27's JSONDatabase answers a query with a member of a Pareto front chosen by crowding
     distance, not with the fastest record (measured here: it skipped a 0.13 µs untuned floor for an
@@ -295,25 +295,50 @@ def compile_database(log_dir: str | os.PathLike, *, warn: Progress | None = None
     ``target`` (the build's ``tvm.target.Target``) is given, each workload takes its fastest record
     measured on the build's CPU and only a workload with none takes another CPU's fastest; ``warn``
     then says how many did: they apply and compute the same results, but were fastest elsewhere.
+
+    Where the search space makes a workload split rows across threads (:class:`search_space.SplitRows`),
+    the fastest record that does is applied instead when it is close enough (:func:`_preferred`).
     """
-    ms = _ms()
     here = cpu_of(target) if target is not None else None
-    best: dict[int, tuple[tuple[bool, float], object]] = {}
+    ranked: dict[int, list[tuple[tuple[bool, float], object]]] = {}
     for record in open_database(log_dir, warn=warn).get_all_tuning_records():
         secs = _record_seconds(record)
-        if secs is None:
-            continue
-        rank = (here is not None and cpu_of(record.target) != here, secs)  # this CPU's records first
-        key = _shash(record.workload.mod)
-        if key not in best or rank < best[key][0]:
-            best[key] = (rank, record)
-    borrowed = [record for (elsewhere, _secs), record in best.values() if elsewhere]
+        if secs is not None:  # this CPU's records first
+            ranked.setdefault(_shash(record.workload.mod), []).append(
+                ((here is not None and cpu_of(record.target) != here, secs), record))
+    best = [_preferred(sorted(records, key=lambda pair: pair[0]), target) for records in ranked.values()]
+    borrowed = [record for (elsewhere, _secs), record in best if elsewhere]
     if borrowed and warn is not None:
         cpus = ", ".join(sorted({cpu_of(record.target) for record in borrowed}))
         warn(f"warning: {log_dir}: {len(borrowed)} of {len(best)} workloads were tuned on {cpus} and this build is "
              f"for {here}: their schedules apply and compute the same results but may be slower here; "
              "run `tvmnet tune` on this CPU for schedules made for it")
-    return memory_database(record for _rank, record in best.values())
+    return memory_database(record for _rank, record in best)
+
+
+SPLIT_ROWS_SLOWDOWN = 2.5
+"""How much slower alone a record that splits rows (:class:`search_space.SplitRows`) may be than the
+fastest for ``compile`` to prefer it: in V2, a 2.3x slower one ran 20-30% faster inside the model than the
+fastest, which split columns (bench/README.md item 28). Searches with the rule find ones about as fast alone."""
+
+
+def _preferred(ranked: list, target) -> tuple:
+    """The (rank, record) to apply from a workload's records, best rank first: the first, unless the search
+    space now constrains the workload to split rows across threads and the first does not. Then the fastest
+    record of the same CPU that does, if one is within :data:`SPLIT_ROWS_SLOWDOWN` of the first: logs
+    searched before the rule keep their records, and those searched after it prefer records that follow it."""
+    from . import search_space
+
+    (first_elsewhere, first_secs), first = ranked[0]
+    threads = search_space.threads_of(target) if target is not None else 1
+    if not search_space.constrains(first.workload.mod, threads):
+        return ranked[0]
+    for (elsewhere, secs), record in ranked:
+        if elsewhere != first_elsewhere or secs > first_secs * SPLIT_ROWS_SLOWDOWN:
+            break
+        if not is_baseline(record) and search_space.trace_splits_rows(record.trace, record.workload.mod, threads):
+            return (elsewhere, secs), record
+    return ranked[0]
 
 
 def memory_database(records: Iterable):
