@@ -53,6 +53,9 @@
 # V1 12 min (416) and V3-Small 6 min (208).
 # Later that day (item 27) the same searches for V2 30 min (1,024 trials), V3-Large 30 + 18 min (1,664) and V1
 # 25 min (944).
+# Then (item 28), once the search space split large feature maps across threads by rows (SplitRows), 4-6 min
+# `--tasks` searches on the kernels whose applied record did not: V2 3 tasks (240 trials), V1 2 (128),
+# V3-Large 2 (208), V3-Small 3 (240), V2-0.5-160 1 (96).
 # Resumable: every measured record is kept, so stop it at any time and run it again; a larger budget
 # (first argument: a factor, default 1) adds trials where the time is (tvmnet's scheduler picks by
 # weight x latency, tasks with no trial first).
