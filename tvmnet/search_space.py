@@ -143,10 +143,11 @@ def _output_writer(func: tvm.tirx.PrimFunc):
     return writers[-1] if writers else None
 
 
-def thread_rows(func: tvm.tirx.PrimFunc, threads: int) -> list[tuple[int, int]] | None:
-    """The first and last output row each of ``threads`` threads writes in a scheduled NHWC kernel: TVM's
-    CPU runtime gives each thread one contiguous chunk of the outermost parallel loop. None if the output
-    is not written by a 4-D block inside a parallel loop of at least ``threads`` iterations."""
+def thread_rows(func: tvm.tirx.PrimFunc, threads: int) -> list[tuple[int, int] | None] | None:
+    """The first and last output row each of ``threads`` threads writes in a scheduled NHWC kernel (None for
+    a thread left without work): TVM's CPU runtime gives thread t the iterations [t*c, (t+1)*c) of the
+    outermost parallel loop, c its extent / threads rounded up. None if the output is not written by a 4-D
+    block inside a parallel loop of at least ``threads`` iterations."""
     writer = _output_writer(func)
     if writer is None or len(writer[0].iter_values) != 4:
         return None
@@ -157,13 +158,15 @@ def thread_rows(func: tvm.tirx.PrimFunc, threads: int) -> list[tuple[int, int]] 
     extent = int(parallel.extent)
     chunk = math.ceil(extent / threads)
     rows = []
-    for thread in range(threads):
-        first = min(extent, thread * chunk)
+    for first in range(0, chunk * threads, chunk):
+        if first >= extent:
+            rows.append(None)
+            continue
         analyzer = Analyzer()
         for loop in loops:
             if not loop.same_as(parallel):
                 analyzer.bind(loop.loop_var, tvm.ir.Range.from_min_extent(loop.min, loop.extent))
-        analyzer.bind(parallel.loop_var, tvm.ir.Range.from_min_extent(first, max(1, min(extent, first + chunk) - first)))
+        analyzer.bind(parallel.loop_var, tvm.ir.Range.from_min_extent(first, min(extent, first + chunk) - first))
         bound = analyzer.const_int_bound(realize.iter_values[1])
         rows.append((int(bound.min_value), int(bound.max_value)))
     return rows
