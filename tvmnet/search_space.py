@@ -148,7 +148,11 @@ def thread_rows(func: tvm.tirx.PrimFunc, threads: int) -> list[tuple[int, int] |
     a thread left without work): TVM's CPU runtime gives thread t the iterations [t*c, (t+1)*c) of the
     outermost parallel loop, c its extent / threads rounded up. None if the output is not written by a 4-D
     block inside a parallel loop of at least ``threads`` iterations."""
-    writer = _output_writer(func)
+    return _thread_rows(_output_writer(func), threads)
+
+
+def _thread_rows(writer, threads: int) -> list[tuple[int, int] | None] | None:
+    """:func:`thread_rows` of the kernel whose output ``writer`` (from :func:`_output_writer`) writes."""
     if writer is None or len(writer[0].iter_values) != 4:
         return None
     realize, loops = writer
@@ -172,13 +176,12 @@ def thread_rows(func: tvm.tirx.PrimFunc, threads: int) -> list[tuple[int, int] |
     return rows
 
 
-def _rows_per_thread(func: tvm.tirx.PrimFunc, threads: int) -> int | None:
-    """The output rows :class:`SplitRows` gives each thread of ``func`` (scheduled or not), or None where the
-    rule leaves it free: fewer than :data:`MIN_SPLIT_ROWS` rows, rows that ``threads`` does not divide, an
-    output that is not 4-D."""
-    writer = _output_writer(func)
+def _rows_per_thread(writer, threads: int) -> int | None:
+    """The output rows :class:`SplitRows` gives each thread of the kernel whose output ``writer`` writes
+    (scheduled or not), or None where the rule leaves it free: one thread, fewer than :data:`MIN_SPLIT_ROWS`
+    rows, rows that ``threads`` does not divide, an output that is not 4-D."""
     shape = _extents(writer[0].block) if writer is not None else None
-    if threads < 2 or shape is None or len(shape) != 4 or shape[1] < MIN_SPLIT_ROWS or shape[1] % threads:
+    if shape is None or len(shape) != 4 or shape[1] < MIN_SPLIT_ROWS or shape[1] % threads:
         return None
     return shape[1] // threads
 
@@ -187,14 +190,17 @@ def splits_rows(func: tvm.tirx.PrimFunc, threads: int) -> bool:
     """Whether a scheduled kernel follows :class:`SplitRows`: true for kernels the rule leaves free, and for
     kernels that run on one thread (the fastest schedule of a MobileNetV3 squeeze-excitation's scaling of
     a 28x28 map is serial, 5 µs, against 30 µs for the fastest parallel one)."""
-    share = _rows_per_thread(func, threads)
-    rows = thread_rows(func, threads) if share is not None else None
+    if threads < 2:
+        return True
+    writer = _output_writer(func)
+    share = _rows_per_thread(writer, threads)
+    rows = _thread_rows(writer, threads) if share is not None else None
     return rows is None or rows == [(t * share, (t + 1) * share - 1) for t in range(threads)]
 
 
 def constrains(workload: tvm.IRModule, threads: int) -> bool:
     """Whether :class:`SplitRows` constrains the schedules of ``workload`` on ``threads`` threads."""
-    return _rows_per_thread(workload["main"], threads) is not None
+    return threads >= 2 and _rows_per_thread(_output_writer(workload["main"]), threads) is not None
 
 
 def trace_splits_rows(trace: Trace, workload: tvm.IRModule, threads: int) -> bool:
