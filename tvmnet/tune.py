@@ -331,8 +331,8 @@ def _preferred(ranked: list, target) -> tuple:
 
     (first_elsewhere, first_secs), first = ranked[0]
     threads = search_space.threads_of(target) if target is not None else 1
-    if not search_space.constrains(first.workload.mod, threads):
-        return ranked[0]
+    if is_baseline(first) or not search_space.constrains(first.workload.mod, threads):
+        return ranked[0]  # the untuned kernel measured fastest (the floor) runs on one thread: nothing to split
     for (elsewhere, secs), record in ranked:
         if elsewhere != first_elsewhere or secs > first_secs * SPLIT_ROWS_SLOWDOWN:
             break
