@@ -22,6 +22,7 @@ import tvm
 from tvm import relax
 
 from .manifest import TVM_ALIGNMENT
+from .prefetch import prefetch_weights
 
 GPU_DEVICES = ("cuda", "opencl")
 
@@ -292,8 +293,10 @@ class Built:
 
 
 def build(mod: tvm.IRModule, target: tvm.target.Target, database=None) -> Built:
-    """Fused module -> VM executable, with tuned schedules applied where available."""
+    """Fused module -> VM executable, with tuned schedules applied where available and, on x86, the
+    prefetches of large weights that :mod:`tvmnet.prefetch` adds to them."""
     scheduled, report = schedule(mod, target, database)
+    scheduled, _ = prefetch_weights(scheduled, target)
     lowered, alignment = accept_unaligned_inputs(lower(scheduled, target), target)
     executable = relax.build(lowered, target=target, relax_pipeline=None)
     return Built(executable=executable, schedules=report, input_alignment=alignment)

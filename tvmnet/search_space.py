@@ -115,30 +115,30 @@ maps are left to the search: there a layer's weights outweigh its activations (V
 to 450 KB of activations and 1.3 MB of weights) and splitting output channels divides the weights."""
 
 
-def _loops_and_blocks(stmt, loops: tuple = (), found: list | None = None) -> list:
+def loops_and_blocks(stmt, loops: tuple = (), found: list | None = None) -> list:
     """(block realize, the loops around it) for every block under ``stmt``."""
     found = [] if found is None else found
     if isinstance(stmt, tvm.tirx.For):
-        _loops_and_blocks(stmt.body, (*loops, stmt), found)
+        loops_and_blocks(stmt.body, (*loops, stmt), found)
     elif isinstance(stmt, tvm.tirx.SeqStmt):
         for part in stmt.seq:
-            _loops_and_blocks(part, loops, found)
+            loops_and_blocks(part, loops, found)
     elif isinstance(stmt, tvm.s_tir.SBlockRealize):
         found.append((stmt, loops))
-        _loops_and_blocks(stmt.block.body, loops, found)
+        loops_and_blocks(stmt.block.body, loops, found)
     elif isinstance(stmt, tvm.tirx.IfThenElse):
-        _loops_and_blocks(stmt.then_case, loops, found)
+        loops_and_blocks(stmt.then_case, loops, found)
         if stmt.else_case is not None:
-            _loops_and_blocks(stmt.else_case, loops, found)
+            loops_and_blocks(stmt.else_case, loops, found)
     elif hasattr(stmt, "body"):
-        _loops_and_blocks(stmt.body, loops, found)
+        loops_and_blocks(stmt.body, loops, found)
     return found
 
 
 def _output_writer(func: tvm.tirx.PrimFunc):
     """(block realize, its loops) of the last block that writes ``func``'s output, or None."""
     output = str(func.params[-1])
-    writers = [(realize, loops) for realize, loops in _loops_and_blocks(func.body)
+    writers = [(realize, loops) for realize, loops in loops_and_blocks(func.body)
                if any(str(region.source) == output for region in realize.block.writes)]
     return writers[-1] if writers else None
 

@@ -1,0 +1,219 @@
+"""Software prefetch of large weights in tuned x86 kernels.
+
+Inside a model, a convolution's weights are no longer in the core's L2 when it runs: the rest of the model
+pushed them out, so they come from L3. A tuned kernel reads them in bursts (V1's 7x7 1x1 convolutions read
+a 16 KB block of weights in their first pixel row, then reuse it from L1 for six more), faster than L3
+delivers them, and the hardware prefetchers stop at each 4 KB page. This pass makes such a kernel fetch the
+next block of weights into L2 while it computes on the current one, a few cache lines at a time, outside
+the loop that keeps the accumulators in registers. V1's 1024->1024 convolution took 500 µs in the model
+without it and 389 µs with it, its 512->1024 one 256 and 205 µs (bench/README.md, item 30).
+
+The rewrite runs on scheduled TIR after the tuned records are applied, so tuning records and their
+workloads are unchanged: MetaSchedule measures each kernel alone, with its weights warm, where the prefetch
+neither helps nor hurts (338 against 336 µs for that convolution)."""
+
+from __future__ import annotations
+
+import math
+import platform
+
+import tvm
+from tvm import relax
+from tvm.sym.analyzer import Analyzer
+
+from .search_space import loops_and_blocks
+
+LINE_BYTES = 64
+MIN_WEIGHT_BYTES = 256 * 1024
+"""Smaller weights are left alone: they fit the L2 beside the activations, and their blocks are too short
+for a prefetch to get ahead."""
+MAX_BLOCK_BYTES = 128 * 1024
+"""A kernel that reads more weights than this per step of its outer reduction loop is left alone: the
+next step's weights would push out the current ones."""
+MIN_LANES_PER_LINE = 64
+"""A kernel doing fewer multiply-adds than this per line of weights it prefetches is left alone: one that
+uses each weight once or twice (the classifier's matrix-vector product) reads its weights in order, which
+the hardware prefetchers follow, and the prefetches only add instructions (136 -> 145 µs in V1)."""
+PREFETCH_TO_L2 = 2
+"""``llvm.prefetch`` locality 2: ``prefetcht1`` on x86, into L2 and not L1, where the current block lives."""
+
+
+def applies_to(target: tvm.target.Target) -> bool:
+    """Only x86 CPUs: the only ones where the gain was measured."""
+    if target.kind.name != "llvm":
+        return False
+    triple = str(target.attrs.get("mtriple", "")) or platform.machine()
+    return triple.startswith(("x86_64", "amd64", "AMD64"))
+
+
+def prefetch_weights(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, list[str]]:
+    """``mod`` with weight prefetches added to its scheduled kernels, and the kernels that got them."""
+    if not applies_to(target):
+        return mod, []
+    changed = []
+    for gv, weights in _constant_arguments(mod).items():
+        func = mod[gv]
+        rewritten = func
+        for index in sorted(weights):
+            rewritten = _prefetch_one(rewritten, rewritten.params[index])
+        if not rewritten.same_as(func):
+            mod.update_func(gv, rewritten)
+            changed.append(gv.name_hint)
+    return mod, sorted(changed)
+
+
+def _constant_arguments(mod: tvm.IRModule) -> dict[relax.GlobalVar, set[int]]:
+    """For each kernel ``main`` calls, the positions of the arguments that are constants at every call."""
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    found: dict[relax.GlobalVar, set[int]] = {}
+
+    def visit(expr: relax.Expr) -> None:
+        if isinstance(expr, relax.Call) and expr.op.same_as(call_tir) and isinstance(expr.args[1], relax.Tuple):
+            gv = expr.args[0]
+            constants = {i for i, arg in enumerate(expr.args[1].fields) if isinstance(arg, tvm.ir.expr.Constant)}
+            found[gv] = found[gv] & constants if gv in found else constants
+
+    relax.analysis.post_order_visit(mod["main"].body, visit)
+    return {gv: positions for gv, positions in found.items() if positions and isinstance(mod[gv], tvm.tirx.PrimFunc)}
+
+
+def _loads_of(expr, weight) -> list:
+    """The loads of the ``weight`` parameter in ``expr``."""
+    if isinstance(expr, tvm.ir.expr.TensorLoad):
+        here = [expr] if expr.source.same_as(weight) else []
+        return here + [load for index in expr.indices for load in _loads_of(index, weight)]
+    children = [getattr(expr, name) for name in ("a", "b", "value", "condition", "true_value", "false_value")
+                if hasattr(expr, name)]
+    children += list(getattr(expr, "args", []))
+    return [load for child in children if isinstance(child, tvm.ir.expr.Expr) for load in _loads_of(child, weight)]
+
+
+def _uses(expr, var) -> bool:
+    return any(v.same_as(var) for v in tvm.tirx.analysis.undefined_vars(expr))
+
+
+def _bound(expr, values: dict) -> tvm.ir.expr.Expr:
+    """``expr`` with each var in ``values`` replaced by its value, simplified. A value must not use its own
+    var: the analyzer substitutes again until nothing changes."""
+    analyzer = Analyzer()
+    for var, value in values.items():
+        analyzer.bind(var, value)
+    return analyzer.simplify(expr)
+
+
+def _prefetch_one(func: tvm.tirx.PrimFunc, weight) -> tvm.tirx.PrimFunc:
+    """``func`` with prefetches of ``weight`` in the first reduction block that reads it (``func`` itself
+    where the weight is small or the loop nest has no place for them)."""
+    if not hasattr(weight.ty, "shape"):
+        return func
+    itemsize = tvm.runtime.DataType(str(weight.ty.dtype)).itemsize
+    shape = [int(extent) for extent in weight.ty.shape]
+    if not MIN_WEIGHT_BYTES <= math.prod(shape) * itemsize < 2**31:  # the prefetch offset is an int32
+        return func
+    for realize, loops in loops_and_blocks(func.body):
+        block = realize.block
+        reduce_values = [value for iv, value in zip(block.iter_vars, realize.iter_values)
+                         if iv.iter_type == tvm.tirx.IterVar.CommReduce]
+        loads = _loads_of(getattr(block.body, "value", None), weight) if reduce_values else []
+        if not loads:
+            continue
+        plan = _plan(loads[0], block, realize, loops, shape, itemsize)
+        return func if plan is None else func.with_body(_insert_before(func.body, *plan))
+    return func
+
+
+def _span(flat, loops, depth: int) -> int:
+    """How many elements of the flat weight buffer one iteration of ``loops[depth - 1]`` spans: the loops
+    inside it run, the loops around it at their start."""
+    analyzer = Analyzer()
+    for loop in loops[depth:]:
+        analyzer.bind(loop.loop_var, tvm.ir.Range.from_min_extent(loop.min, loop.extent))
+    bound = analyzer.const_int_bound(_bound(flat, {loop.loop_var: loop.min for loop in loops[:depth]}))
+    return int(bound.max_value) - int(bound.min_value) + 1
+
+
+def _plan(load, block, realize, loops, shape: list[int], itemsize: int):
+    """(the loop to put the prefetches in front of, the prefetch statement), or None where the loop nest
+    has no step that moves on through the weights without coming back to them."""
+    strides = [math.prod(shape[k + 1:]) for k in range(len(shape))]
+    block_values = {iv.var: value for iv, value in zip(block.iter_vars, realize.iter_values)}
+    flat = _bound(sum(index * stride for index, stride in zip(load.indices, strides)), block_values)
+    reduce_loops = {id(loop) for loop in loops for iv, value in zip(block.iter_vars, realize.iter_values)
+                    if iv.iter_type == tvm.tirx.IterVar.CommReduce and _uses(value, loop.loop_var)}
+    first = next((k + 1 for k, loop in enumerate(loops) if loop.kind == tvm.tirx.ForKind.PARALLEL), 0)
+    # the step loop: the outermost reduction loop inside the parallel one that moves through the weights
+    step = next((k for k in range(first, len(loops)) if id(loops[k]) in reduce_loops
+                 and int(loops[k].extent) > 1 and _uses(flat, loops[k].loop_var)), None)
+    if step is None or loops[step].kind != tvm.tirx.ForKind.SERIAL:
+        return None
+    # a loop around it that the weights do not depend on reads them again, from L2 after its first pass:
+    # prefetching would cost its instructions on every pass and help only the first. The same goes for a
+    # parallel loop whose iterations read the same weights (one output channel block, several pixel rows)
+    if any(int(loop.extent) > 1 and not _uses(flat, loop.loop_var) for loop in loops[first:step]):
+        return None
+    if first and _span(flat, loops, first) * int(loops[first - 1].extent) > math.prod(shape):
+        return None
+    # the accumulation loop: the innermost reduction loop; its accumulators stay in registers only if
+    # nothing inside it may write memory, so the prefetches go in front of it and its unit-extent parents
+    inner = [k for k in range(len(loops)) if id(loops[k]) in reduce_loops and int(loops[k].extent) > 1]
+    if inner[-1] <= step:
+        return None
+    front = inner[-1]
+    while front - 1 > step and (id(loops[front - 1]) in reduce_loops or int(loops[front - 1].extent) == 1):
+        front -= 1
+    slot_loops = loops[step + 1:front]
+    if any(loop.kind != tvm.tirx.ForKind.SERIAL for loop in slot_loops):
+        return None
+    step_loop = loops[step]
+    span = _span(flat, loops, step + 1) * itemsize  # the weights one step reads
+    if span > MAX_BLOCK_BYTES:
+        return None
+    # one step's advance through the weights; the buffer's layout is affine in the loops, so it is constant
+    at_start = {loop.loop_var: loop.min for loop in loops}
+    advance = _bound(_bound(flat, {**at_start, step_loop.loop_var: step_loop.min + 1}) - _bound(flat, at_start), {})
+    if not isinstance(advance, tvm.tirx.IntImm) or int(advance.value) <= 0:
+        return None
+    lines = math.ceil(span / LINE_BYTES)
+    per_slot = math.ceil(lines / math.prod(int(loop.extent) for loop in slot_loops))
+    if math.prod(int(loop.extent) for loop in loops[front:]) < MIN_LANES_PER_LINE * per_slot:
+        return None
+    index_type = str(step_loop.extent.ty)
+    # which of the slots this is, counting the loops between the step loop and the accumulation loop
+    slot = tvm.tirx.const(0, index_type)
+    for loop in slot_loops:
+        slot = slot * loop.extent + (loop.loop_var - loop.min)
+    line = tvm.tirx.Var("prefetch_line", index_type)
+    position = slot * per_slot + line
+    next_block = _bound(flat, {loop.loop_var: loop.min for loop in loops[step + 1:]}) + advance
+    # a byte offset from the buffer's start: affine in the loops, so it costs an add, where the element's
+    # multi-dimensional index would cost a division per dimension
+    address = tvm.tirx.call_intrin(
+        "handle", "tirx.handle_add_byte_offset",
+        tvm.tirx.address_of(tvm.tirx.BufferLoad(load.source, [tvm.tirx.const(0, index_type)] * len(shape))),
+        ((next_block + position * (LINE_BYTES // itemsize)) * itemsize).astype("int32"))
+    prefetch = tvm.tirx.Evaluate(tvm.tirx.call_intrin("void", "tirx.prefetch", address, 0, PREFETCH_TO_L2, 1))
+    in_range = tvm.tirx.And(position < lines, step_loop.loop_var + 1 < step_loop.min + step_loop.extent)
+    statement = tvm.tirx.For(line, tvm.tirx.const(0, index_type), tvm.tirx.const(per_slot, index_type),
+                             tvm.tirx.ForKind.SERIAL, tvm.tirx.IfThenElse(in_range, prefetch, None))
+    return loops[front].loop_var, statement
+
+
+def _insert_before(stmt, loop_var, statement):
+    """``stmt`` with ``statement`` run just before the loop over ``loop_var``, each time that loop starts."""
+    if isinstance(stmt, tvm.tirx.For):
+        if stmt.loop_var.same_as(loop_var):
+            return tvm.tirx.SeqStmt([statement, stmt])
+        return tvm.tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind,
+                            _insert_before(stmt.body, loop_var, statement), stmt.thread_binding, stmt.annotations)
+    if isinstance(stmt, tvm.tirx.SeqStmt):
+        return tvm.tirx.SeqStmt([_insert_before(part, loop_var, statement) for part in stmt.seq])
+    if isinstance(stmt, tvm.s_tir.SBlockRealize):
+        block = stmt.block
+        return tvm.s_tir.SBlockRealize(stmt.iter_values, stmt.predicate, tvm.s_tir.SBlock(
+            block.iter_vars, block.reads, block.writes, block.name_hint,
+            _insert_before(block.body, loop_var, statement), block.init, block.alloc_buffers,
+            block.match_buffers, block.annotations))
+    if isinstance(stmt, tvm.tirx.IfThenElse):
+        return tvm.tirx.IfThenElse(stmt.condition, _insert_before(stmt.then_case, loop_var, statement),
+                                   stmt.else_case and _insert_before(stmt.else_case, loop_var, statement))
+    return stmt
