@@ -16,56 +16,75 @@ from tvmnet import pipeline, prefetch
 from tvmnet.search_space import loops_and_blocks
 from tvmnet.targets import get_target
 
-ROWS, K, F = 4, 512, 128
-WEIGHT_SHAPE = (F // 16, K // 64, 64, 16)  # 256 KB: the smallest weight the pass takes
+ROWS, K, F = 4, 512, 256
+WEIGHT_SHAPE = (F // 64, K // 64, 64, 64)  # 512 KB
 
 
 @T.prim_func(private=True, s_tir=True)
-def rows_times_weights(x: T.Buffer((4, 512), "float32"), w: T.Buffer((8, 8, 64, 16), "float32"),
-                       out: T.Buffer((4, 128), "float32")):
+def rows_times_weights(x: T.Buffer((4, 512), "float32"), w: T.Buffer((4, 8, 64, 64), "float32"),
+                       out: T.Buffer((4, 256), "float32")):
     """A tuned 1x1 convolution's shape, scaled down: output channels split over the threads, the reduction
-    in steps of 64 channels, each step's weights (4 KB) reused by every pixel row."""
-    for f0 in T.parallel(8):
+    in steps of 64 channels, each step's weights (16 KB) reused by every pixel row."""
+    for f0 in T.parallel(4):
         for k0 in range(8):
             for r in range(4):
                 for k1 in range(64):
-                    for f3 in T.vectorized(16):
+                    for f3 in T.vectorized(64):
                         with T.sblock("update"):
                             vr = T.axis.spatial(4, r)
-                            vf = T.axis.spatial(128, f0 * 16 + f3)
+                            vf = T.axis.spatial(256, f0 * 64 + f3)
                             vk = T.axis.reduce(512, k0 * 64 + k1)
                             with T.init():
                                 out[vr, vf] = T.float32(0)
-                            out[vr, vf] = out[vr, vf] + x[vr, vk] * w[vf // 16, vk // 64, vk % 64, vf % 16]
+                            out[vr, vf] = out[vr, vf] + x[vr, vk] * w[vf // 64, vk // 64, vk % 64, vf % 64]
 
 
 @T.prim_func(private=True, s_tir=True)
-def weights_reread_per_row(x: T.Buffer((4, 512), "float32"), w: T.Buffer((8, 8, 64, 16), "float32"),
-                           out: T.Buffer((4, 128), "float32")):
-    """The same product with the rows outside the reduction: every row reads all the weights again."""
-    for f0 in T.parallel(8):
-        for r in range(4):
+def rows_in_two_passes(x: T.Buffer((8, 512), "float32"), w: T.Buffer((4, 8, 64, 64), "float32"),
+                       out: T.Buffer((8, 256), "float32")):
+    """Eight rows in two passes of four: the second pass reads the weights again, from L2."""
+    for f0 in T.parallel(4):
+        for h in range(2):
             for k0 in range(8):
-                for k1 in range(64):
-                    for f3 in T.vectorized(16):
+                for r in range(4):
+                    for k1 in range(64):
+                        for f3 in T.vectorized(64):
+                            with T.sblock("update"):
+                                vr = T.axis.spatial(8, h * 4 + r)
+                                vf = T.axis.spatial(256, f0 * 64 + f3)
+                                vk = T.axis.reduce(512, k0 * 64 + k1)
+                                with T.init():
+                                    out[vr, vf] = T.float32(0)
+                                out[vr, vf] = out[vr, vf] + x[vr, vk] * w[vf // 64, vk // 64, vk % 64, vf % 64]
+
+
+@T.prim_func(private=True, s_tir=True)
+def rows_split_over_threads(x: T.Buffer((8, 512), "float32"), w: T.Buffer((4, 8, 64, 64), "float32"),
+                            out: T.Buffer((8, 256), "float32")):
+    """Rows and output channels split over the threads: two parallel iterations read each weight."""
+    for p in T.parallel(8):
+        for k0 in range(8):
+            for k1 in range(64):
+                for r in range(4):
+                    for f3 in T.vectorized(64):
                         with T.sblock("update"):
-                            vr = T.axis.spatial(4, r)
-                            vf = T.axis.spatial(128, f0 * 16 + f3)
+                            vr = T.axis.spatial(8, p % 2 * 4 + r)
+                            vf = T.axis.spatial(256, p // 2 * 64 + f3)
                             vk = T.axis.reduce(512, k0 * 64 + k1)
                             with T.init():
                                 out[vr, vf] = T.float32(0)
-                            out[vr, vf] = out[vr, vf] + x[vr, vk] * w[vf // 16, vk // 64, vk % 64, vf % 16]
+                            out[vr, vf] = out[vr, vf] + x[vr, vk] * w[vf // 64, vk // 64, vk % 64, vf % 64]
 
 
-def _module(kernel, weights: np.ndarray) -> tvm.IRModule:
+def _module(kernel, weights: np.ndarray, rows: int = ROWS) -> tvm.IRModule:
     """A Relax ``main`` calling ``kernel`` with constant weights, as the fused and scheduled model does."""
     builder = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((ROWS, K), "float32"))
+    x = relax.Var("x", relax.TensorType((rows, K), "float32"))
     with builder.function("main", [x]):
         with builder.dataflow():
             gv = builder.add_func(kernel, "kernel")
             out = builder.emit_output(relax.call_tir(gv, (x, relax.const(weights)),
-                                                     relax.TensorType((ROWS, F), "float32")))
+                                                     relax.TensorType((rows, F), "float32")))
         builder.emit_func_output(out)
     return builder.get()
 
@@ -98,22 +117,23 @@ def test_prefetch_goes_in_front_of_the_accumulation_loop_and_builds_the_same_res
                                rtol=1e-5, atol=1e-4)
 
 
-def _prefetched_lines(func: tvm.tirx.PrimFunc) -> dict[tuple[int, int], set[int]]:
-    """For each (parallel iteration, step), the 64-byte lines of the weights the kernel prefetches, found
-    by evaluating the inserted address and condition at every iteration of the loops around them."""
+def _prefetched_lines(func: tvm.tirx.PrimFunc) -> dict[tuple[int, ...], set[int]]:
+    """For each iteration of the loops around the prefetches, the 64-byte lines of the weights they fetch,
+    found by evaluating the inserted address and condition there."""
     stmt = next(s for s in _statements(func.body) if isinstance(s, tvm.tirx.For)
                 and s.loop_var.name == "prefetch_line")
     condition, call = stmt.body.condition, stmt.body.then_case.value
     offset = call.args[0].args[1]
     loops = next(found for realize, found in loops_and_blocks(func.body) if realize.block.name_hint == "update")
-    f0, k0, r = (loop.loop_var for loop in loops[:3])
-    lines: dict[tuple[int, int], set[int]] = {}
-    for f, k, row, line in itertools.product(range(8), range(8), range(4), range(int(stmt.extent))):
-        analyzer = Analyzer()
-        for var, value in ((f0, f), (k0, k), (r, row), (stmt.loop_var, line)):
-            analyzer.bind(var, tvm.tirx.const(value, "int32"))
-        if int(analyzer.simplify(condition)):
-            lines.setdefault((f, k), set()).add(int(analyzer.simplify(offset)) // prefetch.LINE_BYTES)
+    around = [loop for loop in loops[:[loop.loop_var.name for loop in loops].index("k1")]]
+    lines: dict[tuple[int, ...], set[int]] = {}
+    for values in itertools.product(*(range(int(loop.extent)) for loop in around)):
+        for line in range(int(stmt.extent)):
+            analyzer = Analyzer()
+            for var, value in [*zip((loop.loop_var for loop in around), values), (stmt.loop_var, line)]:
+                analyzer.bind(var, tvm.tirx.const(value, "int32"))
+            if int(analyzer.simplify(condition)):
+                lines.setdefault(values, set()).add(int(analyzer.simplify(offset)) // prefetch.LINE_BYTES)
     return lines
 
 
@@ -126,20 +146,34 @@ def _statements(stmt):
         yield from _statements(part)
 
 
+def _step_lines(f: int, k: int) -> set[int]:
+    """The lines of w[f, k + 1], the next step's weights (none after the last step)."""
+    per_step = 64 * 64 * 4 // prefetch.LINE_BYTES
+    first = (f * 8 + k + 1) * per_step
+    return set(range(first, first + per_step)) if k < 7 else set()
+
+
 def test_each_step_prefetches_exactly_the_next_steps_weights(weights):
     mod, _ = prefetch.prefetch_weights(_module(rows_times_weights, weights), get_target("x86").tvm_target())
-    lines = _prefetched_lines(mod["kernel"])
-    step_lines = 64 * 16 * 4 // prefetch.LINE_BYTES  # one step reads w[f0, k0]: 64 x 16 floats
-    for f, k in itertools.product(range(8), range(8)):
-        # w[f, k + 1] starts (f * 8 + k + 1) steps into the buffer; the last step has no next one
-        first = (f * 8 + k + 1) * step_lines
-        expected = set(range(first, first + step_lines)) if k < 7 else set()
-        assert lines.get((f, k), set()) == expected, (f, k)
+    lines = _prefetched_lines(mod["kernel"])  # keyed by (f0, k0, r)
+    for f, k in itertools.product(range(4), range(8)):
+        fetched = set().union(*(lines.get((f, k, r), set()) for r in range(4)))
+        assert fetched == _step_lines(f, k), (f, k)
 
 
-def test_prefetch_leaves_alone_weights_read_again_small_weights_and_non_x86_targets(weights, monkeypatch):
+def test_weights_read_again_are_prefetched_on_the_first_pass_only(weights):
+    mod, changed = prefetch.prefetch_weights(_module(rows_in_two_passes, weights, rows=8),
+                                             get_target("x86").tvm_target())
+    assert changed == ["kernel"]
+    lines = _prefetched_lines(mod["kernel"])  # keyed by (f0, h, k0, r)
+    for f, h, k in itertools.product(range(4), range(2), range(8)):
+        fetched = set().union(*(lines.get((f, h, k, r), set()) for r in range(4)))
+        assert fetched == (_step_lines(f, k) if h == 0 else set()), (f, h, k)
+
+
+def test_prefetch_leaves_alone_weights_other_threads_read_small_weights_and_non_x86_targets(weights, monkeypatch):
     x86 = get_target("x86").tvm_target()
-    assert prefetch.prefetch_weights(_module(weights_reread_per_row, weights), x86)[1] == []
+    assert prefetch.prefetch_weights(_module(rows_split_over_threads, weights, rows=8), x86)[1] == []
     assert prefetch.prefetch_weights(_module(rows_times_weights, weights), get_target("rasp4b").tvm_target())[1] == []
     monkeypatch.setattr(prefetch, "MIN_WEIGHT_BYTES", weights.nbytes + 1)
     assert prefetch.prefetch_weights(_module(rows_times_weights, weights), x86)[1] == []

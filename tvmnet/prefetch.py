@@ -34,6 +34,10 @@ MIN_LANES_PER_LINE = 64
 """A kernel doing fewer multiply-adds than this per line of weights it prefetches is left alone: one that
 uses each weight once or twice (the classifier's matrix-vector product) reads its weights in order, which
 the hardware prefetchers follow, and the prefetches only add instructions (136 -> 145 µs in V1)."""
+MIN_LANES_BETWEEN_SLOTS = 4096
+"""Prefetches spread between the pixel loops of a step go only where the accumulation loop inside does at
+least this many multiply-adds: V1's 14x14 1x1 convolutions, whose register tile is one pixel (1,024 per
+slot), ran 2.2x slower with them, even with the prefetches skipped on all but the first pass."""
 PREFETCH_TO_L2 = 2
 """``llvm.prefetch`` locality 2: ``prefetcht1`` on x86, into L2 and not L1, where the current block lives."""
 
@@ -147,10 +151,9 @@ def _plan(load, block, realize, loops, shape: list[int], itemsize: int):
     if step is None or loops[step].kind != tvm.tirx.ForKind.SERIAL:
         return None
     # a loop around it that the weights do not depend on reads them again, from L2 after its first pass:
-    # prefetching would cost its instructions on every pass and help only the first. The same goes for a
-    # parallel loop whose iterations read the same weights (one output channel block, several pixel rows)
-    if any(int(loop.extent) > 1 and not _uses(flat, loop.loop_var) for loop in loops[first:step]):
-        return None
+    # only that pass prefetches. A parallel loop whose iterations read the same weights (one output
+    # channel block, several pixel rows) has no first pass to tell apart: such kernels are left alone
+    rereads = [loop for loop in loops[first:step] if int(loop.extent) > 1 and not _uses(flat, loop.loop_var)]
     if first and _span(flat, loops, first) * int(loops[first - 1].extent) > math.prod(shape):
         return None
     # the accumulation loop: the innermost reduction loop; its accumulators stay in registers only if
@@ -175,7 +178,8 @@ def _plan(load, block, realize, loops, shape: list[int], itemsize: int):
         return None
     lines = math.ceil(span / LINE_BYTES)
     per_slot = math.ceil(lines / math.prod(int(loop.extent) for loop in slot_loops))
-    if math.prod(int(loop.extent) for loop in loops[front:]) < MIN_LANES_PER_LINE * per_slot:
+    lanes = math.prod(int(loop.extent) for loop in loops[front:])
+    if lanes < MIN_LANES_PER_LINE * per_slot or (per_slot < lines and lanes < MIN_LANES_BETWEEN_SLOTS):
         return None
     index_type = str(step_loop.extent.ty)
     # which of the slots this is, counting the loops between the step loop and the accumulation loop
@@ -193,6 +197,8 @@ def _plan(load, block, realize, loops, shape: list[int], itemsize: int):
         ((next_block + position * (LINE_BYTES // itemsize)) * itemsize).astype("int32"))
     prefetch = tvm.tirx.Evaluate(tvm.tirx.call_intrin("void", "tirx.prefetch", address, 0, PREFETCH_TO_L2, 1))
     in_range = tvm.tirx.And(position < lines, step_loop.loop_var + 1 < step_loop.min + step_loop.extent)
+    for loop in rereads:
+        in_range = tvm.tirx.And(in_range, loop.loop_var == loop.min)
     statement = tvm.tirx.For(line, tvm.tirx.const(0, index_type), tvm.tirx.const(per_slot, index_type),
                              tvm.tirx.ForKind.SERIAL, tvm.tirx.IfThenElse(in_range, prefetch, None))
     return loops[front].loop_var, statement
