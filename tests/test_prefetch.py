@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tvm
 from tvm import relax
-from tvm.script import tirx as T
+from tvm import te
+from tvm.s_tir import Schedule
 from tvm.sym.analyzer import Analyzer
 
 from tvmnet import pipeline, prefetch
@@ -20,69 +21,46 @@ ROWS, K, F = 4, 512, 256
 WEIGHT_SHAPE = (F // 64, K // 64, 64, 64)  # 512 KB
 
 
-@T.prim_func(private=True, s_tir=True)
-def rows_times_weights(x: T.Buffer((4, 512), "float32"), w: T.Buffer((4, 8, 64, 64), "float32"),
-                       out: T.Buffer((4, 256), "float32")):
-    """A tuned 1x1 convolution's shape, scaled down: output channels split over the threads, the reduction
-    in steps of 64 channels, each step's weights (16 KB) reused by every pixel row."""
-    for f0 in T.parallel(4):
-        for k0 in range(8):
-            for r in range(4):
-                for k1 in range(64):
-                    for f3 in T.vectorized(64):
-                        with T.sblock("update"):
-                            vr = T.axis.spatial(4, r)
-                            vf = T.axis.spatial(256, f0 * 64 + f3)
-                            vk = T.axis.reduce(512, k0 * 64 + k1)
-                            with T.init():
-                                out[vr, vf] = T.float32(0)
-                            out[vr, vf] = out[vr, vf] + x[vr, vk] * w[vf // 64, vk // 64, vk % 64, vf % 64]
+def _kernel(rows: int, order: str) -> tvm.tirx.PrimFunc:
+    """``rows`` x 512 input times 512 x 256 weights, stored as [f0, k0, k1, f3] (512 KB), scheduled as a tuned
+    1x1 convolution is: output channels split over the threads in blocks of 64 (``f0``, vectorized ``f3``), the
+    reduction in steps of 64 channels (``k0``, then ``k1``). ``order`` names the loops outside in, a loop ``p``
+    being ``f0`` and the first of two row blocks fused into the parallel loop."""
+    x = te.placeholder((rows, K), name="x")
+    w = te.placeholder(WEIGHT_SHAPE, name="w")
+    k = te.reduce_axis((0, K), name="k")
+    out = te.compute((rows, F), lambda r, f: te.sum(x[r, k] * w[f // 64, k // 64, k % 64, f % 64], axis=k),
+                     name="update")
+    sch = Schedule(te.create_prim_func([x, w, out]))
+    block = sch.get_sblock("update")
+    r, f, k = sch.get_loops(block)
+    loops = dict(zip(("f0", "f3"), sch.split(f, [None, 64])))
+    loops.update(zip(("k0", "k1"), sch.split(k, [None, 64])))
+    loops.update(zip(("h", "r"), sch.split(r, [None, 4])) if rows > 4 else {"r": r})
+    sch.reorder(*(loops[name] for name in order.replace("p", "f0 h").split()))
+    if "p" in order:
+        loops["f0"] = sch.fuse(loops["f0"], loops["h"])
+    sch.parallel(loops["f0"])
+    sch.vectorize(loops["f3"])
+    return sch.mod["main"].with_attr("global_symbol", "kernel")
 
 
-@T.prim_func(private=True, s_tir=True)
-def rows_in_two_passes(x: T.Buffer((8, 512), "float32"), w: T.Buffer((4, 8, 64, 64), "float32"),
-                       out: T.Buffer((8, 256), "float32")):
-    """Eight rows in two passes of four: the second pass reads the weights again, from L2."""
-    for f0 in T.parallel(4):
-        for h in range(2):
-            for k0 in range(8):
-                for r in range(4):
-                    for k1 in range(64):
-                        for f3 in T.vectorized(64):
-                            with T.sblock("update"):
-                                vr = T.axis.spatial(8, h * 4 + r)
-                                vf = T.axis.spatial(256, f0 * 64 + f3)
-                                vk = T.axis.reduce(512, k0 * 64 + k1)
-                                with T.init():
-                                    out[vr, vf] = T.float32(0)
-                                out[vr, vf] = out[vr, vf] + x[vr, vk] * w[vf // 64, vk // 64, vk % 64, vf % 64]
+ROWS_TIMES_WEIGHTS = (4, "f0 k0 r k1 f3")
+"""Each step's weights (16 KB) reused by every row."""
+ROWS_IN_TWO_PASSES = (8, "f0 h k0 r k1 f3")
+"""Eight rows in two passes of four: the second pass reads the weights again, from L2."""
+ROWS_SPLIT_OVER_THREADS = (8, "p k0 k1 r f3")
+"""Rows and output channels split over the threads: two parallel iterations read each weight."""
 
 
-@T.prim_func(private=True, s_tir=True)
-def rows_split_over_threads(x: T.Buffer((8, 512), "float32"), w: T.Buffer((4, 8, 64, 64), "float32"),
-                            out: T.Buffer((8, 256), "float32")):
-    """Rows and output channels split over the threads: two parallel iterations read each weight."""
-    for p in T.parallel(8):
-        for k0 in range(8):
-            for k1 in range(64):
-                for r in range(4):
-                    for f3 in T.vectorized(64):
-                        with T.sblock("update"):
-                            vr = T.axis.spatial(8, p % 2 * 4 + r)
-                            vf = T.axis.spatial(256, p // 2 * 64 + f3)
-                            vk = T.axis.reduce(512, k0 * 64 + k1)
-                            with T.init():
-                                out[vr, vf] = T.float32(0)
-                            out[vr, vf] = out[vr, vf] + x[vr, vk] * w[vf // 64, vk // 64, vk % 64, vf % 64]
-
-
-def _module(kernel, weights: np.ndarray, rows: int = ROWS) -> tvm.IRModule:
-    """A Relax ``main`` calling ``kernel`` with constant weights, as the fused and scheduled model does."""
+def _module(kernel: tuple[int, str], weights: np.ndarray) -> tvm.IRModule:
+    """A Relax ``main`` calling :func:`_kernel` with constant weights, as the fused and scheduled model does."""
+    rows, _ = kernel
     builder = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((rows, K), "float32"))
     with builder.function("main", [x]):
         with builder.dataflow():
-            gv = builder.add_func(kernel, "kernel")
+            gv = builder.add_func(_kernel(*kernel), "kernel")
             out = builder.emit_output(relax.call_tir(gv, (x, relax.const(weights)),
                                                      relax.TensorType((rows, F), "float32")))
         builder.emit_func_output(out)
@@ -101,14 +79,14 @@ def weights() -> np.ndarray:
 
 def test_prefetch_goes_in_front_of_the_accumulation_loop_and_builds_the_same_result(weights):
     target = get_target("x86").tvm_target()
-    mod = _module(rows_times_weights, weights)
+    mod = _module(ROWS_TIMES_WEIGHTS, weights)
     rewritten, changed = prefetch.prefetch_weights(tvm.IRModule(dict(mod.functions)), target)
     assert changed == ["kernel"]
     assert rewritten["kernel"].script().count("T.prefetch(") == 1
     # in the row loop, just before the loop over k1 (which keeps the accumulators in registers), not inside it
     row_loop = next(s for s in _statements(rewritten["kernel"].body)
                     if isinstance(s, tvm.tirx.For) and s.loop_var.name == "r")
-    assert [part.loop_var.name for part in row_loop.body.seq] == ["prefetch_line", "k1"]
+    assert [part.loop_var.name for part in row_loop.body.seq] == ["prefetch_line", "k_1"]
 
     x = np.random.default_rng(1).standard_normal((ROWS, K)).astype(np.float32)
     built = pipeline.build(mod, target)
@@ -125,7 +103,7 @@ def _prefetched_lines(func: tvm.tirx.PrimFunc) -> dict[tuple[int, ...], set[int]
     condition, call = stmt.body.condition, stmt.body.then_case.value
     offset = call.args[0].args[1]
     loops = next(found for realize, found in loops_and_blocks(func.body) if realize.block.name_hint == "update")
-    around = [loop for loop in loops[:[loop.loop_var.name for loop in loops].index("k1")]]
+    around = [loop for loop in loops[:[loop.loop_var.name for loop in loops].index("k_1")]]
     lines: dict[tuple[int, ...], set[int]] = {}
     for values in itertools.product(*(range(int(loop.extent)) for loop in around)):
         for line in range(int(stmt.extent)):
@@ -154,7 +132,7 @@ def _step_lines(f: int, k: int) -> set[int]:
 
 
 def test_each_step_prefetches_exactly_the_next_steps_weights(weights):
-    mod, _ = prefetch.prefetch_weights(_module(rows_times_weights, weights), get_target("x86").tvm_target())
+    mod, _ = prefetch.prefetch_weights(_module(ROWS_TIMES_WEIGHTS, weights), get_target("x86").tvm_target())
     lines = _prefetched_lines(mod["kernel"])  # keyed by (f0, k0, r)
     for f, k in itertools.product(range(4), range(8)):
         fetched = set().union(*(lines.get((f, k, r), set()) for r in range(4)))
@@ -162,7 +140,7 @@ def test_each_step_prefetches_exactly_the_next_steps_weights(weights):
 
 
 def test_weights_read_again_are_prefetched_on_the_first_pass_only(weights):
-    mod, changed = prefetch.prefetch_weights(_module(rows_in_two_passes, weights, rows=8),
+    mod, changed = prefetch.prefetch_weights(_module(ROWS_IN_TWO_PASSES, weights),
                                              get_target("x86").tvm_target())
     assert changed == ["kernel"]
     lines = _prefetched_lines(mod["kernel"])  # keyed by (f0, h, k0, r)
@@ -173,7 +151,7 @@ def test_weights_read_again_are_prefetched_on_the_first_pass_only(weights):
 
 def test_prefetch_leaves_alone_weights_other_threads_read_small_weights_and_non_x86_targets(weights, monkeypatch):
     x86 = get_target("x86").tvm_target()
-    assert prefetch.prefetch_weights(_module(rows_split_over_threads, weights, rows=8), x86)[1] == []
-    assert prefetch.prefetch_weights(_module(rows_times_weights, weights), get_target("rasp4b").tvm_target())[1] == []
+    assert prefetch.prefetch_weights(_module(ROWS_SPLIT_OVER_THREADS, weights), x86)[1] == []
+    assert prefetch.prefetch_weights(_module(ROWS_TIMES_WEIGHTS, weights), get_target("rasp4b").tvm_target())[1] == []
     monkeypatch.setattr(prefetch, "MIN_WEIGHT_BYTES", weights.nbytes + 1)
-    assert prefetch.prefetch_weights(_module(rows_times_weights, weights), x86)[1] == []
+    assert prefetch.prefetch_weights(_module(ROWS_TIMES_WEIGHTS, weights), x86)[1] == []
