@@ -121,6 +121,9 @@ def _prefetch_one(func: tvm.tirx.PrimFunc, weight) -> tvm.tirx.PrimFunc:
         loads = _loads_of(getattr(block.body, "value", None), weight) if reduce_values else []
         if not loads:
             continue
+        index_types = {str(bound.ty) for loop in loops for bound in (loop.min, loop.extent)}
+        if len(index_types) > 1 or not all(isinstance(loop.extent, tvm.tirx.IntImm) for loop in loops):
+            return func  # symbolic or mixed-type loop bounds: nothing this pass was measured on
         plan = _plan(loads[0], block, realize, loops, shape, itemsize)
         return func if plan is None else func.with_body(_insert_before(func.body, *plan))
     return func
