@@ -36,8 +36,12 @@ uses each weight once or twice (the classifier's matrix-vector product) reads it
 the hardware prefetchers follow, and the prefetches only add instructions (136 -> 145 µs in V1)."""
 MIN_LANES_BETWEEN_SLOTS = 4096
 """Prefetches spread between the pixel loops of a step go only where the accumulation loop inside does at
-least this many multiply-adds: V1's 14x14 1x1 convolutions, whose register tile is one pixel (1,024 per
-slot), ran 2.2x slower with them, even with the prefetches skipped on all but the first pass."""
+least this many multiply-adds. V1's 14x14 1x1 convolutions (one pixel x 32 channels per slot, 1,024
+multiply-adds, 14 slots a step) ran 2.2x slower with them, even with the prefetches skipped on all but the
+first pass. Their disassembly says why: without a prefetch, LLVM keeps the 14 pixels' accumulators in
+registers and loads each weight vector once for all of them; with one in the step, it runs the pixels one
+after another and every multiply-add reads its weights from memory again. A step whose slots hold many
+more accumulators than the registers (the 7x7 layers) is stored slot by slot anyway and loses nothing."""
 PREFETCH_TO_L2 = 2
 """``llvm.prefetch`` locality 2: ``prefetcht1`` on x86, into L2 and not L1, where the current block lives."""
 
