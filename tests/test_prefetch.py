@@ -103,7 +103,7 @@ def _prefetched_lines(func: tvm.tirx.PrimFunc) -> dict[tuple[int, ...], set[int]
     condition, call = stmt.body.condition, stmt.body.then_case.value
     offset = call.args[0].args[1]
     loops = next(found for realize, found in loops_and_blocks(func.body) if realize.block.name_hint == "update")
-    around = [loop for loop in loops[:[loop.loop_var.name for loop in loops].index("k_1")]]
+    around = loops[:[loop.loop_var.name for loop in loops].index("k_1")]
     lines: dict[tuple[int, ...], set[int]] = {}
     for values in itertools.product(*(range(int(loop.extent)) for loop in around)):
         for line in range(int(stmt.extent)):

@@ -128,7 +128,7 @@ def _prefetch_one(func: tvm.tirx.PrimFunc, weight) -> tvm.tirx.PrimFunc:
         index_types = {str(bound.ty) for loop in loops for bound in (loop.min, loop.extent)}
         if len(index_types) > 1 or not all(isinstance(loop.extent, tvm.tirx.IntImm) for loop in loops):
             return func  # symbolic or mixed-type loop bounds: nothing this pass was measured on
-        plan = _plan(loads[0], block, realize, loops, shape, itemsize)
+        plan = _plan(loads[0], realize, reduce_values, loops, shape, itemsize)
         return func if plan is None else func.with_body(_insert_before(func.body, *plan))
     return func
 
@@ -143,14 +143,13 @@ def _span(flat, loops, depth: int) -> int:
     return int(bound.max_value) - int(bound.min_value) + 1
 
 
-def _plan(load, block, realize, loops, shape: list[int], itemsize: int):
+def _plan(load, realize, reduce_values, loops, shape: list[int], itemsize: int):
     """(the loop to put the prefetches in front of, the prefetch statement), or None where the loop nest
     has no step that moves on through the weights without coming back to them."""
     strides = [math.prod(shape[k + 1:]) for k in range(len(shape))]
-    block_values = {iv.var: value for iv, value in zip(block.iter_vars, realize.iter_values)}
+    block_values = {iv.var: value for iv, value in zip(realize.block.iter_vars, realize.iter_values)}
     flat = _bound(sum(index * stride for index, stride in zip(load.indices, strides)), block_values)
-    reduce_loops = {id(loop) for loop in loops for iv, value in zip(block.iter_vars, realize.iter_values)
-                    if iv.iter_type == tvm.tirx.IterVar.CommReduce and _uses(value, loop.loop_var)}
+    reduce_loops = {id(loop) for loop in loops if any(_uses(value, loop.loop_var) for value in reduce_values)}
     first = next((k + 1 for k, loop in enumerate(loops) if loop.kind == tvm.tirx.ForKind.PARALLEL), 0)
     # the step loop: the outermost reduction loop inside the parallel one that moves through the weights
     step = next((k for k in range(first, len(loops)) if id(loops[k]) in reduce_loops
