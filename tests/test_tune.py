@@ -477,27 +477,34 @@ def test_recheck_stores_the_searchs_fastest_candidates_again_on_the_logs_scale(t
     """``recheck=1`` on a log measured under other conditions (its times multiplied by 1000): after a short
     search, each task's fastest new candidate is timed side by side with the task's fastest earlier record and
     stored a second time, about 1000x above the time the search stored for it (as measured), where a
-    recheck that stored the raw time again would give about 1x."""
-    from tvmnet.tune import _shash
+    recheck that stored the raw time again would give about 1x. Records are read in the order they were
+    appended: the search may measure a schedule the log already holds, so "not stored before" cannot tell
+    the new records apart."""
+    import json
+
+    from tvmnet.tune import RECORD_FILE
 
     log = _copy_measured_slower(tuned[0].log_dir, tmp_path / "log")
-    before = {(_shash(r.workload.mod), str(r.trace)) for r in _database_records(log)}
+    stored_before = len((log / RECORD_FILE).read_text().splitlines())
 
     lines: list[str] = []
     result = tvmnet_tune(_model(), trials=len(_trials(_database_records(log))) + 8, tasks=TASKS, log_dir=log,
                          recheck=1, progress=lines.append, **SMALL)
     assert result.new_trials == 8, lines
+    rechecked_tasks = len([t for t in result.tasks if t.new_trials])
     assert sum("(this search's fastest) side by side with its fastest record, 5 rounds" in line
-               for line in lines) == len([t for t in result.tasks if t.new_trials]), lines
-    by_schedule: dict[tuple, list[float]] = {}
-    for record in _database_records(log):
-        key = (_shash(record.workload.mod), str(record.trace))
-        if key not in before:
-            by_schedule.setdefault(key, []).append(float(record.run_secs[0]))
-    rechecked = {key: sorted(times) for key, times in by_schedule.items() if len(times) == 2}
-    assert len(rechecked) == sum(1 for t in result.tasks if t.new_trials), (by_schedule, lines)
-    for as_measured, on_the_logs_scale in rechecked.values():
-        assert 50 < on_the_logs_scale / as_measured < 20000, (as_measured, on_the_logs_scale, lines)
+               for line in lines) == rechecked_tasks, lines
+    new = [json.loads(line) for line in (log / RECORD_FILE).read_text().splitlines()[stored_before:]]
+    searched, rechecked = new[:-rechecked_tasks], new[-rechecked_tasks:]  # the recheck stores after the search
+    assert len(searched) == 8, new
+
+    def schedule(entry: list) -> tuple:
+        return entry[0], json.dumps(entry[1][0])  # workload index, trace
+
+    for entry in rechecked:
+        as_measured = [e[1][1][0] for e in searched if schedule(e) == schedule(entry)]
+        assert as_measured, ("a rechecked schedule the search did not store", entry, lines)
+        assert 50 < entry[1][1][0] / min(as_measured) < 20000, (as_measured, entry[1][1], lines)
 
 
 @pytest.mark.timeout(300)
