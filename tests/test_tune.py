@@ -507,6 +507,42 @@ def test_recheck_stores_the_searchs_fastest_candidates_again_on_the_logs_scale(t
         assert 50 < entry[1][1][0] / min(as_measured) < 20000, (as_measured, entry[1][1], lines)
 
 
+def test_search_leaves_out_the_schedules_the_log_holds(tmp_path):
+    """MetaSchedule's search, seeded alike on one thread, proposes the same first batch twice; with that
+    batch's traces as the log's records, tvmnet's strategy must leave every one of them out (the search alone
+    measured such schedules again on resume), and cut a batch to the budget left."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvmnet import pipeline, search_space
+    from tvmnet.frontend import load_onnx
+    from tvmnet.targets import get_target
+    from tvmnet.tune import _shash, _skipping_stored, extract_tasks
+
+    tvm_target = get_target("x86").tvm_target()
+    fused = pipeline.fuse(load_onnx(_model()).to_relax(), tvm_target)
+    (task,) = [t for t in extract_tasks(fused, tvm_target) if t.task_name == TASKS[1]]
+
+    def first_batch(stored: set[str], budget: int) -> tuple[list[str], int]:
+        skipped = [0]
+        strategy = _skipping_stored(64, {_shash(task.dispatched[0]): stored}, lambda: budget, skipped)
+        (context,), _ = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            extracted_tasks=[task], work_dir=str(tmp_path), strategy=strategy, seed=7, num_threads=1,
+            space=search_space.space_for(task.dispatched[0], tvm_target))
+        context.pre_tuning(max_trials=64, num_trials_per_iter=8, design_spaces=context.generate_design_space(),
+                           database=ms.database.MemoryDatabase(), cost_model=ms.cost_model.RandomModel(seed=7))
+        candidates = context.generate_measure_candidates()
+        context.post_tuning()
+        return ([] if candidates is None else [str(c.sch.trace) for c in candidates]), skipped[0]
+
+    first, skipped = first_batch(set(), budget=100)
+    assert len(first) == 8 and skipped == 0
+    again, skipped = first_batch(set(first), budget=100)
+    assert skipped == 8, "the search must have proposed the same batch again (seeded alike), all of it left out"
+    assert again and not set(again) & set(first), again
+    assert len(first_batch(set(), budget=3)[0]) == 3
+    assert first_batch(set(), budget=0)[0] == []
+
+
 @pytest.mark.timeout(300)
 def test_tuning_searches_the_stored_workload_so_new_records_load(tmp_path):
     """A log whose workload was stored under other block names (Relax numbering changed with the pipeline):
