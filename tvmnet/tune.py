@@ -884,12 +884,12 @@ def _skipping_stored(population_size: int, stored: dict[int, set[str]], budget_l
     left out: measuring one here is new. ``stored`` maps a task's workload hash to its records' traces
     (``str(trace)``, decisions included); ``skipped[0]`` counts the candidates left out.
 
-    A batch with stored schedules left out is sent short rather than refilled (another evolution costs about
-    what the skipped measurements save), so the search needs more batches for the same trials, and
-    MetaSchedule checks the run's budget only before a batch: each batch is cut to ``budget_left()``, and
-    none is sent once it is spent. After :data:`STORED_BATCHES_BEFORE_SENDING` evolutions in a row found only
-    stored schedules, the next batch is sent as it is: the search has converged on the log, and measuring is
-    then better use of the time than evolving again.
+    A batch with stored schedules left out is sent short rather than refilled (refilling would take another
+    evolution of the population for one or two candidates), so the search needs more batches for the same
+    trials, and MetaSchedule checks the run's budget only before a batch: each batch is cut to
+    ``budget_left()``, and none is sent once it is spent. After :data:`STORED_BATCHES_BEFORE_SENDING`
+    evolutions in a row found only stored schedules, the next batch is sent as it is: the search has converged
+    on the log, and measuring is then better use of the time than evolving again.
     """
     ms = _ms()
     from tvm.ir.utils import derived_object
@@ -1157,6 +1157,7 @@ def tune(
             skipped = [0]
             stored = {_shash(task.dispatched[0]): {str(r.trace) for r in records}
                       for task, records in zip(chosen, here)}
+            # trials left in this run: ``state`` (made below) counts the measured ones as each batch is joined
             strategy = _skipping_stored(population_size, stored, lambda: state["budget"] - state["done"], skipped)
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 extracted_tasks=chosen, work_dir=str(log_dir), strategy=strategy, seed=seed,
