@@ -516,7 +516,7 @@ def test_search_leaves_out_the_schedules_the_log_holds(tmp_path):
     from tvmnet import pipeline, search_space
     from tvmnet.frontend import load_onnx
     from tvmnet.targets import get_target
-    from tvmnet.tune import _shash, _skipping_stored, extract_tasks
+    from tvmnet.tune import _skipping_stored, extract_tasks
 
     tvm_target = get_target("x86").tvm_target()
     fused = pipeline.fuse(load_onnx(_model()).to_relax(), tvm_target)
@@ -524,7 +524,7 @@ def test_search_leaves_out_the_schedules_the_log_holds(tmp_path):
 
     def first_batch(stored: set[str], budget: int) -> tuple[list[str], int]:
         skipped = [0]
-        strategy = _skipping_stored(64, {_shash(task.dispatched[0]): stored}, lambda: budget, skipped)
+        strategy = _skipping_stored(64, {task.task_name: stored}, lambda: budget, skipped)
         (context,), _ = ms.relax_integration.extracted_tasks_to_tune_contexts(
             extracted_tasks=[task], work_dir=str(tmp_path), strategy=strategy, seed=7, num_threads=1,
             space=search_space.space_for(task.dispatched[0], tvm_target))

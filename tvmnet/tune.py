@@ -881,8 +881,8 @@ def _skipping_stored(population_size: int, stored: dict[int, set[str]], budget_l
     current run (TVM leaves a TODO in ``evolutionary_search.cc`` to add the database's records), so a resumed
     search measured stored schedules again: 67 of the 1,040 trials of a V3-Large search on the Intel Xeon
     (a67e5bf) repeated a (workload, trace) that CPU's records already held. Another CPU's records are not
-    left out: measuring one here is new. ``stored`` maps a task's workload hash to its records' traces
-    (``str(trace)``, decisions included); ``skipped[0]`` counts the candidates left out.
+    left out: measuring one here is new. ``stored`` maps a task's name to its records' traces (``str(trace)``,
+    decisions included); ``skipped[0]`` counts the candidates left out.
 
     A batch with stored schedules left out is sent short rather than refilled (refilling would take another
     evolution of the population for one or two candidates), so the search needs more batches for the same
@@ -903,7 +903,7 @@ def _skipping_stored(population_size: int, stored: dict[int, set[str]], budget_l
 
         def _initialize_with_tune_context(self, context) -> None:
             self.inner._initialize_with_tune_context(context)
-            self.known = stored.get(_shash(context.mod), set())
+            self.known = stored.get(context.task_name, set())
 
         def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None):
             self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
@@ -1155,8 +1155,7 @@ def tune(
             # rechecked candidates are timed against (the fastest)
             here = _tuned_by_speed(database, chosen, lambda c: c == cpu)
             skipped = [0]
-            stored = {_shash(task.dispatched[0]): {str(r.trace) for r in records}
-                      for task, records in zip(chosen, here)}
+            stored = {task.task_name: {str(r.trace) for r in records} for task, records in zip(chosen, here)}
             # trials left in this run: ``state`` (made below) counts the measured ones as each batch is joined
             strategy = _skipping_stored(population_size, stored, lambda: state["budget"] - state["done"], skipped)
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
