@@ -1,31 +1,39 @@
 #!/usr/bin/env python3
-"""What fusing a depthwise convolution with the pointwise one it feeds would save inside the model: a probe.
+"""What fusing a pointwise convolution with the depthwise one next to it would save inside the model: a probe.
 
-tvmnet's pipeline runs each depthwise and each pointwise convolution as its own kernel, so the depthwise output
-(at 112x112 and 56x56, megabytes) goes out to the caches and comes back. This script hand-schedules one kernel
-that computes the depthwise 3x3 (+ bias, ReLU) for a tile of output rows inside the parallel loop and feeds it
-straight to the pointwise 1x1 (+ bias, ReLU). It replays a tuned artifact's kernel calls in model order
-(``kernels_alone.capture_calls``), once as built and once with the fused kernel in place of a pair, and prints
-both times for each pair, plus the fused kernel timed alone.
+tvmnet's pipeline runs each depthwise and each pointwise convolution as its own kernel, so the activation between
+them (at 112x112 and 56x56, megabytes) goes out to the caches and comes back. This script hand-schedules one
+kernel for a pair, replays a tuned artifact's kernel calls in model order (``kernels_alone.capture_calls``), once
+as built and once with the fused kernel in place of the pair, and prints both times for each pair, plus the fused
+kernel timed alone. Two kinds of pair, told apart by their kernels' shapes:
 
-    TVM_NUM_THREADS=2 python bench/separable_fusion.py ARTIFACT --pair 2 [--pair 5] [--tile ROWS W KV KT]
+- a depthwise 3x3 (+ bias, ReLU) and the pointwise 1x1 (+ bias, ReLU) it feeds: the depthwise output computed for
+  a tile of output rows inside the parallel loop and fed straight to the pointwise (bench/README.md item 17);
+- an expanding pointwise 1x1 (+ bias, ReLU6) and the depthwise 3x3 (+ bias, ReLU6) it feeds, as in MobileNetV2's
+  blocks: per band of output rows, the expanded rows the band's taps read (halo rows computed twice), then the
+  depthwise on them while they are in L2 (item 33).
 
-``--pair N`` names the depthwise kernel's call index (``kernels_alone.py --top 1000`` lists them); call N+1 must
-be the pointwise one, with no residual input. The fused kernel uses its own random weights (the artifact's are
-prepacked in each kernel's order) and ReLU after both convolutions whatever the model has there (an
-epilogue costs little next to a convolution), is checked against numpy, and writes the pair's output tensor, so the rest
-of the replay finds the caches as it would. The loop structure is fixed; its tile sizes are ``--tile`` or, with
-``--trials N``, the fastest of N candidates MetaSchedule measures alone. A measure of the lever, not a kernel to
-ship (MetaSchedule's default rules never compute a producer convolution inside its consumer's tiles; bench/
-README.md item 17).
+    TVM_NUM_THREADS=2 python bench/separable_fusion.py ARTIFACT --pair 2 [--pair 4] [--tile A B C D]
+
+``--pair N`` names the first kernel's call index (``kernels_alone.py --top 1000`` lists them); call N+1 must be
+the other convolution of the pair, neither with a residual input. The fused kernel uses its own random weights
+(the artifact's are prepacked in each kernel's order) and the epilogues above whatever the model has there (an
+epilogue costs little next to a convolution), is checked against numpy, and writes the pair's output tensor, so
+the rest of the replay finds the caches as it would. The loop structure is fixed; its tile sizes are ``--tile``
+or, with ``--trials N``, the fastest of N candidates MetaSchedule measures alone. A measure of the lever, not a
+kernel to ship (MetaSchedule's default rules never compute a producer convolution inside its consumer's tiles;
+item 17).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import math
 import statistics
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +47,10 @@ from tvmnet.targets import get_target
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import timed_calls  # noqa: E402 - the bench scripts share compare.py's helpers
 from kernels_alone import capture_calls, replay_in_order  # noqa: E402
+
+
+def _relu6(x):
+    return te.min(te.max(x, 0.0), 6.0)
 
 
 def define(height: int, width: int, channels: int, outputs: int, stride: int) -> tvm.tirx.PrimFunc:
@@ -63,6 +75,33 @@ def define(height: int, width: int, channels: int, outputs: int, stride: int) ->
     return te.create_prim_func([data, dw_weight, dw_bias, pw_weight, pw_bias, out])
 
 
+def define_expand(height: int, width: int, inputs: int, channels: int, stride: int) -> tvm.tirx.PrimFunc:
+    """NHWC 1x1 from ``inputs`` to ``channels`` + bias + ReLU6, then depthwise 3x3 (pad 1, ``stride``) + bias +
+    ReLU6. The 1x1 runs over the padded grid and its epilogue zeroes the border, so the taps need no bounds checks
+    and the epilogue stays in the 1x1's register tile."""
+    out_h, out_w = height // stride, width // stride
+    data = te.placeholder((1, height, width, inputs), name="data")
+    pw_weight = te.placeholder((inputs, channels), name="pw_weight")
+    pw_bias = te.placeholder((channels,), name="pw_bias")
+    dw_weight = te.placeholder((3, 3, channels), name="dw_weight")
+    dw_bias = te.placeholder((channels,), name="dw_bias")
+
+    def inside(h, w):
+        return tvm.tirx.all(h >= 1, h <= height, w >= 1, w <= width)
+
+    pad = te.compute((1, height + 2, width + 2, inputs),
+                     lambda n, h, w, c: tvm.tirx.if_then_else(inside(h, w), data[n, h - 1, w - 1, c], 0.0), name="pad")
+    rc = te.reduce_axis((0, inputs), "rc")
+    pw = te.compute((1, height + 2, width + 2, channels),
+                    lambda n, h, w, c: te.sum(pad[n, h, w, rc] * pw_weight[rc, c], axis=rc), name="pw")
+    mid = te.compute((1, height + 2, width + 2, channels), lambda n, h, w, c: tvm.tirx.if_then_else(
+        inside(h, w), _relu6(pw[n, h, w, c] + pw_bias[c]), 0.0), name="mid")
+    out = te.compute((1, out_h, out_w, channels), lambda n, h, w, c: _relu6(sum(
+        mid[n, h * stride + ry, w * stride + rx, c] * dw_weight[ry, rx, c] for ry in range(3) for rx in range(3))
+        + dw_bias[c]), name="out")
+    return te.create_prim_func([data, pw_weight, pw_bias, dw_weight, dw_bias, out])
+
+
 def _fuse_pair(sch: Schedule, rows, width_tile, out_blocks, vector: int) -> None:
     """Parallel over tiles of ``rows`` output rows; per tile, the padded input rows, then the depthwise output
     (vectorized over channels), then the pointwise one in register tiles of ``width_tile`` pixels by ``vector``
@@ -85,30 +124,132 @@ def _fuse_pair(sch: Schedule, rows, width_tile, out_blocks, vector: int) -> None
     sch.vectorize(sch.get_loops(pad)[-1])
 
 
-def schedule(func: tvm.tirx.PrimFunc, rows: int, width_tile: int, vector: int, out_tile: int) -> tvm.IRModule:
-    """The fused structure with fixed tile sizes (``--tile``)."""
-    sch = Schedule(func)
-    _fuse_pair(sch, rows, width_tile, out_tile // vector, vector)
-    return sch.mod
+def _fuse_expand(sch: Schedule, rows, pw_width, pw_blocks, dw_width) -> None:
+    """Parallel over bands of ``rows`` output rows; per band, the padded input rows and the 1x1 over the rows
+    the band's taps read, in register tiles of ``pw_width`` pixels by ``pw_blocks`` vectors of channels with
+    the epilogue inside the tile, then the depthwise in tiles of ``dw_width`` pixels by one vector. The sizes
+    are ints or sampled variables."""
+    out, mid, pw, pad = (sch.get_sblock(name) for name in ("out", "mid", "pw", "pad"))
+    n, h, w, c = sch.get_loops(out)
+    vector = _vector(int(sch.get(c).extent))
+    h0, h1 = sch.split(h, [None, rows])
+    w0, w1 = sch.split(w, [None, dw_width])
+    c0, c1 = sch.split(c, [None, vector])
+    sch.reorder(h0, h1, w0, c0, w1, c1)
+    sch.parallel(sch.fuse(n, h0))
+    sch.unroll(w1)
+    sch.vectorize(c1)
+    band = sch.get_loops(out)[0]
+    for block in (mid, pw, pad):
+        sch.compute_at(block, band)
+    _band, ph, pw_w, pc, prc = sch.get_loops(pw)
+    pw_w0, pw_w1 = sch.split(pw_w, [None, pw_width])
+    pc0, pc1, pc2 = sch.split(pc, [None, pw_blocks, vector])
+    sch.reorder(ph, pw_w0, pc0, prc, pw_w1, pc1, pc2)
+    sch.unroll(pw_w1)
+    sch.unroll(pc1)
+    sch.vectorize(pc2)
+    sch.reverse_compute_at(mid, pc0)
+    sch.decompose_reduction(pw, prc)
+    sch.vectorize(sch.get_loops(mid)[-1])
+    sch.vectorize(sch.get_loops(pad)[-1])
+
+
+def _divisor(sch: Schedule, extent: int, low: int, high: int):
+    """A tile size drawn from the divisors of ``extent`` in [low, high] (``extent`` itself when there are none)."""
+    options = [f for f in range(low, high + 1) if extent % f == 0] or [extent]
+    return sch.sample_categorical(options, [1.0 / len(options)] * len(options))
 
 
 def _sampled_tiles(sch: Schedule) -> None:
-    """The fused structure with each tile size drawn from the divisors of its loop (rows and pixels 2-8, so
+    """The separable structure with each tile size drawn from the divisors of its loop (rows and pixels 2-8, so
     that no loop of extent 1 changes the loop nest between candidates): the space ``--trials`` searches."""
-    pw = sch.get_sblock("pw")
-    _n, h, w, k, _rc = (int(sch.get(loop).extent) for loop in sch.get_loops(pw))
+    _n, h, w, k, _rc = (int(sch.get(loop).extent) for loop in sch.get_loops(sch.get_sblock("pw")))
     vector = _vector(k)
-
-    def divisor(extent: int, low: int, high: int):
-        options = [f for f in range(low, high + 1) if extent % f == 0] or [extent]
-        return sch.sample_categorical(options, [1.0 / len(options)] * len(options))
-
-    _fuse_pair(sch, divisor(h, 2, 8), divisor(w, 2, 8), divisor(k // vector, 1, 8), vector)
+    _fuse_pair(sch, _divisor(sch, h, 2, 8), _divisor(sch, w, 2, 8), _divisor(sch, k // vector, 1, 8), vector)
 
 
-def search(func: tvm.tirx.PrimFunc, trials: int) -> tvm.IRModule:
-    """The fastest of ``trials`` candidates of :func:`_sampled_tiles`, measured alone by MetaSchedule with the
-    builder and runner ``tvmnet tune`` uses."""
+def _sampled_expand_tiles(sch: Schedule) -> None:
+    """The expand structure's space: rows 2-8 of the output, 1x1 tiles of 2-8 pixels of the padded width by 1-3
+    vectors (at most 24 accumulators), depthwise tiles of 2-8 pixels."""
+    _n, h, w, c = (int(sch.get(loop).extent) for loop in sch.get_loops(sch.get_sblock("out")))
+    padded_width = int(sch.get(sch.get_loops(sch.get_sblock("pw"))[2]).extent)
+    _fuse_expand(sch, _divisor(sch, h, 2, 8), _divisor(sch, padded_width, 2, 8),
+                 _divisor(sch, c // _vector(c), 1, 3), _divisor(sch, w, 2, 8))
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """One kind of pair: how to define, schedule (fixed or sampled tiles) and check its fused kernel."""
+
+    name: str
+    define: Callable[..., tvm.tirx.PrimFunc]
+    fixed: Callable[..., None]
+    sampled: Callable[[Schedule], None]
+    reference: Callable[..., np.ndarray]
+    weight_shapes: Callable[[int, int], list[tuple[int, ...]]]
+    default_tile: Callable[[int, int], list[int]]
+    tile_names: str
+
+
+def reference(data, dw_weight, dw_bias, pw_weight, pw_bias, stride: int) -> np.ndarray:
+    height, width = data.shape[1:3]
+    padded = np.pad(data, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    dw = sum(padded[:, ry:ry + height:stride, rx:rx + width:stride, :] * dw_weight[ry, rx]
+             for ry in range(3) for rx in range(3))
+    return np.maximum(np.maximum(dw + dw_bias, 0) @ pw_weight + pw_bias, 0)
+
+
+def reference_expand(data, pw_weight, pw_bias, dw_weight, dw_bias, stride: int) -> np.ndarray:
+    height, width = data.shape[1:3]
+    padded = np.pad(np.clip(data @ pw_weight + pw_bias, 0, 6), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    dw = sum(padded[:, ry:ry + height:stride, rx:rx + width:stride, :] * dw_weight[ry, rx]
+             for ry in range(3) for rx in range(3))
+    return np.clip(dw + dw_bias, 0, 6)
+
+
+def _vector(channels: int) -> int:
+    return 16 if channels % 16 == 0 else 8
+
+
+SEPARABLE = Fusion(
+    "depthwise+pointwise", define,
+    lambda sch, rows, width, vector, out_tile: _fuse_pair(sch, rows, width, out_tile // vector, vector),
+    _sampled_tiles, reference,
+    lambda channels, outputs: [(3, 3, channels), (channels,), (channels, outputs), (outputs,)],
+    lambda channels, outputs: [2, 4, _vector(outputs), 64 if outputs % 64 == 0 else outputs],
+    "ROWS W KV KT: rows per parallel task, pixels x vector lanes per register tile, output channels per pass")
+EXPAND = Fusion(
+    "pointwise+depthwise", define_expand, _fuse_expand, _sampled_expand_tiles, reference_expand,
+    lambda inputs, channels: [(inputs, channels), (channels,), (3, 3, channels), (channels,)],
+    lambda inputs, channels: [4, 6, 2 if channels % 32 == 0 else 1, 7],
+    "ROWS PW CV DW: output rows per band, 1x1 tile pixels and vectors, depthwise tile pixels")
+
+
+def _is_depthwise(call) -> bool:
+    data, weight, _bias, out = call[2]
+    return data.shape[-1] == out.shape[-1] and math.prod(weight.shape) == 9 * out.shape[-1]
+
+
+def _is_pointwise(call) -> bool:
+    data, weight, _bias, out = call[2]
+    return tuple(data.shape[1:3]) == tuple(out.shape[1:3]) and math.prod(weight.shape) == data.shape[-1] * out.shape[-1]
+
+
+def pair_kind(first, second) -> Fusion:
+    """Which fusion calls ``first`` and ``second`` (kernel calls in model order) make, or exit saying why none."""
+    if len(first[2]) == 4 and len(second[2]) == 4:
+        if _is_depthwise(first) and _is_pointwise(second):
+            return SEPARABLE
+        if _is_pointwise(first) and _is_depthwise(second):
+            return EXPAND
+    raise SystemExit(f"calls {first[0]} and {second[0]} are not a depthwise and a pointwise convolution (either "
+                     "order) without a residual input: pick another --pair")
+
+
+def search(fusion: Fusion, func: tvm.tirx.PrimFunc, trials: int) -> tvm.IRModule:
+    """The fastest of ``trials`` candidates of the fusion's sampled tiles, measured alone by MetaSchedule with
+    the builder and runner ``tvmnet tune`` uses."""
     import shutil
     import tempfile
 
@@ -125,7 +266,7 @@ def search(func: tvm.tirx.PrimFunc, trials: int) -> tvm.IRModule:
                                          min_repeat_ms=100)
         database = ms.tune_tir(mod, target, work_dir, max_trials_global=trials, num_trials_per_iter=16,
                                builder=tune.make_builder(spec, 120, 2), runner=runner,
-                               space=ms.space_generator.ScheduleFn(_sampled_tiles), strategy="replay-trace")
+                               space=ms.space_generator.ScheduleFn(fusion.sampled), strategy="replay-trace")
         best = ms.tir_integration.compile_tir(database, mod, target)
         if best is None:
             raise SystemExit(f"none of the {trials} fused candidates built and ran: see MetaSchedule's log above")
@@ -134,42 +275,29 @@ def search(func: tvm.tirx.PrimFunc, trials: int) -> tvm.IRModule:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def reference(data, dw_weight, dw_bias, pw_weight, pw_bias, stride: int) -> np.ndarray:
-    height, width = data.shape[1:3]
-    padded = np.pad(data, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    dw = sum(padded[:, ry:ry + height:stride, rx:rx + width:stride, :] * dw_weight[ry, rx]
-             for ry in range(3) for rx in range(3))
-    return np.maximum(np.maximum(dw + dw_bias, 0) @ pw_weight + pw_bias, 0)
-
-
-def _vector(outputs: int) -> int:
-    return 16 if outputs % 16 == 0 else 8
-
-
-def default_tile(outputs: int) -> list[int]:
-    return [2, 4, _vector(outputs), 64 if outputs % 64 == 0 else outputs]
-
-
 def probe(calls: list, pair: int, rounds: int, tile: list[int] | None, trials: int = 0) -> None:
-    dw_call, pw_call = calls[pair], calls[pair + 1]
-    if len(dw_call[2]) != 4 or len(pw_call[2]) != 4:
-        raise SystemExit(f"calls {pair} and {pair + 1} ({dw_call[0]}, {pw_call[0]}) are not a depthwise kernel and a "
-                         "pointwise one without a residual input: pick another --pair")
-    data, output = dw_call[2][0], pw_call[2][-1]
+    first, second = calls[pair], calls[pair + 1]
+    fusion = pair_kind(first, second)
+    data, output = first[2][0], second[2][-1]
     _, height, width, channels = data.shape
     outputs = output.shape[-1]
-    stride = height // dw_call[2][-1].shape[1]
-    tile = tile or default_tile(outputs)
+    stride = height // output.shape[1]
+    tile = tile or fusion.default_tile(channels, outputs)
     rng = np.random.default_rng(0)
     weights = [(rng.standard_normal(shape) * 0.1).astype("float32")
-               for shape in [(3, 3, channels), (channels,), (channels, outputs), (outputs,)]]
-    func = define(height, width, channels, outputs, stride)
-    mod = search(func, trials) if trials else schedule(func, *tile)
+               for shape in fusion.weight_shapes(channels, outputs)]
+    func = fusion.define(height, width, channels, outputs, stride)
+    if trials:
+        mod = search(fusion, func, trials)
+    else:
+        sch = Schedule(func)
+        fusion.fixed(sch, *tile)
+        mod = sch.mod
     fused = tvm.compile(mod, target=get_target("x86").tvm_target())["main"]
     device_weights = [tvm.runtime.tensor(w) for w in weights]
     check = tvm.runtime.tensor(np.zeros(output.shape, "float32"))
     fused(data, *device_weights, check)
-    error = float(np.abs(check.numpy() - reference(data.numpy(), *weights, stride)).max())
+    error = float(np.abs(check.numpy() - fusion.reference(data.numpy(), *weights, stride)).max())
     run_fused = functools.partial(fused, data, *device_weights, output)  # writes the pair's output tensor
     as_built: list[list[float]] = [[] for _ in calls]
     with_fused: list[list[float]] = [[] for _ in calls]
@@ -179,8 +307,9 @@ def probe(calls: list, pair: int, rounds: int, tile: list[int] | None, trials: i
     alone = timed_calls(lambda: fused(data, *device_weights, check), rounds, warmup=5)
     us = [statistics.median(samples) * 1e6
           for samples in (as_built[pair], as_built[pair + 1], with_fused[pair], alone)]
-    print(f"pair {pair}: {dw_call[0]} + {pw_call[0]}, {height}x{width}x{channels} -> {outputs} channels, "
-          f"stride {stride}, {f'tiles searched ({trials} trials)' if trials else 'tile ' + ' '.join(map(str, tile))}: "
+    print(f"pair {pair}: {first[0]} + {second[0]}, {fusion.name}, {height}x{width}x{channels} -> {outputs} "
+          f"channels, stride {stride}, "
+          f"{f'tiles searched ({trials} trials)' if trials else 'tile ' + ' '.join(map(str, tile))}: "
           f"max abs error {error:.1e}")
     print(f"  in model order: {us[0]:.1f} + {us[1]:.1f} = {us[0] + us[1]:.1f} µs as built, {us[2]:.1f} µs fused "
           f"({us[2] / (us[0] + us[1]):.2f}x); fused alone {us[3]:.1f} µs (medians of {rounds})")
@@ -190,11 +319,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("artifact")
     parser.add_argument("--pair", type=int, action="append", required=True,
-                        help="call index of a depthwise kernel whose next call is its pointwise one (repeatable)")
+                        help="call index of a pair's first kernel; the next call must be the other one (repeatable)")
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--tile", type=int, nargs=4, metavar=("ROWS", "W", "KV", "KT"),
-                        help="rows per parallel task, pixels x vector lanes per register tile, output channels per "
-                             "pass (default 2 4 16|8 64|all)")
+    parser.add_argument("--tile", type=int, nargs=4, metavar=("A", "B", "C", "D"),
+                        help=f"tile sizes. {SEPARABLE.name}: {SEPARABLE.tile_names} (default 2 4 16|8 64|all); "
+                             f"{EXPAND.name}: {EXPAND.tile_names} (default 4 6 2|1 7)")
     parser.add_argument("--trials", type=int, default=0,
                         help="search the tile sizes with MetaSchedule for this many candidates instead of --tile")
     args = parser.parse_args()

@@ -128,21 +128,34 @@ def test_kernels_alone_replays_every_kernel_call(tiny_v2_artifact):
         assert float(in_order) > 0 and float(alone) > 0 and not symbol.startswith("vm.builtin"), row
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(360)
 def test_separable_fusion_probe_matches_numpy(tiny_v2_artifact):
-    """bench/separable_fusion.py's hand-fused depthwise+pointwise kernel, for a stride-1 and a stride-2 pair of
-    V2-0.25, with fixed tiles and with tiles searched by MetaSchedule: it must compute what numpy does and replay
-    in place of the pair."""
+    """bench/separable_fusion.py's hand-fused kernels for V2-0.25's pairs, both kinds (a depthwise and the
+    pointwise it feeds, an expanding pointwise and the depthwise it feeds), stride 1 and 2, with fixed tiles and
+    with tiles searched by MetaSchedule: each must compute what numpy does and replay in place of its pair."""
     script = [sys.executable, str(REPO / "bench" / "separable_fusion.py"), str(tiny_v2_artifact), "--rounds", "2"]
-    for options, strides in ((["--pair", "32", "--pair", "5"], ["stride 1", "stride 2"]),
-                             (["--pair", "32", "--trials", "4"], ["stride 1"])):
-        proc = subprocess.run(script + options, capture_output=True, text=True, timeout=140, cwd=REPO)
+    separable, expand = "depthwise+pointwise", "pointwise+depthwise"
+    for options, pairs in (
+            (["--pair", "32", "--pair", "5", "--pair", "4", "--pair", "7"],
+             [(separable, "stride 1"), (separable, "stride 2"), (expand, "stride 2"), (expand, "stride 1")]),
+            (["--pair", "32", "--pair", "4", "--trials", "4"], [(separable, "stride 1"), (expand, "stride 2")])):
+        proc = subprocess.run(script + options, capture_output=True, text=True, timeout=170, cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-3000:]
         heads = [line for line in proc.stdout.splitlines() if line.startswith("pair ")]
-        assert [h.split(",")[2].strip() for h in heads] == strides, proc.stdout
+        assert [(h.split(",")[1].strip(), h.split(",")[3].strip()) for h in heads] == pairs, proc.stdout
         assert all(float(h.rsplit("max abs error ", 1)[1]) < 1e-5 for h in heads), proc.stdout
-        assert ("tiles searched (4 trials)" in proc.stdout) == ("--trials" in options), proc.stdout
-        assert proc.stdout.count("µs fused") == len(strides), proc.stdout
+        assert proc.stdout.count("tiles searched (4 trials)") == (len(pairs) if "--trials" in options else 0), \
+            proc.stdout
+        assert proc.stdout.count("µs fused") == len(pairs), proc.stdout
+
+
+def test_separable_fusion_probe_names_a_pair_it_cannot_fuse(tiny_v2_artifact):
+    """A --pair that is not a depthwise and a pointwise convolution (here the image transpose and the first
+    convolution) stops with a message saying so, not a TVM schedule error."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "separable_fusion.py"), str(tiny_v2_artifact),
+                           "--pair", "0"], capture_output=True, text=True, timeout=110, cwd=REPO)
+    assert proc.returncode != 0
+    assert "are not a depthwise and a pointwise convolution" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("pixels, tile_pixels, tile_floats", [(49, 7, 8), (50, 5, 16), (56, 4, 16)])
