@@ -56,6 +56,10 @@
 # Then (item 28), once the search space split large feature maps across threads by rows (SplitRows), 4-6 min
 # `--tasks` searches on the kernels whose applied record did not: V2 3 tasks (240 trials), V1 2 (128),
 # V3-Large 2 (208), V3-Small 3 (240), V2-0.5-160 1 (96).
+# On 2026-12-05 the logs got records of a fourth CPU, an Intel Xeon that LLVM names `emeraldrapids` (KVM model
+# 207, 2 cores; bench/README item 33): `--remeasure 8 --trials 0` for each model (10.5 min in all), then time-boxed
+# searches at 16 per task per round: V2 22 min (526 trials), V3-Large 20 min (368), V2-0.5-160 10 min (239) and
+# V3-Small 10 min (192).
 # Resumable: every measured record is kept, so stop it at any time and run it again; a larger budget
 # (first argument: a factor, default 1) adds trials where the time is (tvmnet's scheduler picks by
 # weight x latency, tasks with no trial first).
