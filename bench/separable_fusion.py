@@ -192,20 +192,22 @@ class Fusion:
     tile_names: str
 
 
-def reference(data, dw_weight, dw_bias, pw_weight, pw_bias, stride: int) -> np.ndarray:
+def _depthwise_reference(data: np.ndarray, weight: np.ndarray, stride: int) -> np.ndarray:
+    """NHWC depthwise 3x3, pad 1, in numpy (no bias)."""
     height, width = data.shape[1:3]
     padded = np.pad(data, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    dw = sum(padded[:, ry:ry + height:stride, rx:rx + width:stride, :] * dw_weight[ry, rx]
-             for ry in range(3) for rx in range(3))
-    return np.maximum(np.maximum(dw + dw_bias, 0) @ pw_weight + pw_bias, 0)
+    return sum(padded[:, ry:ry + height:stride, rx:rx + width:stride, :] * weight[ry, rx]
+               for ry in range(3) for rx in range(3))
+
+
+def reference(data, dw_weight, dw_bias, pw_weight, pw_bias, stride: int) -> np.ndarray:
+    dw = np.maximum(_depthwise_reference(data, dw_weight, stride) + dw_bias, 0)
+    return np.maximum(dw @ pw_weight + pw_bias, 0)
 
 
 def reference_expand(data, pw_weight, pw_bias, dw_weight, dw_bias, stride: int) -> np.ndarray:
-    height, width = data.shape[1:3]
-    padded = np.pad(np.clip(data @ pw_weight + pw_bias, 0, 6), ((0, 0), (1, 1), (1, 1), (0, 0)))
-    dw = sum(padded[:, ry:ry + height:stride, rx:rx + width:stride, :] * dw_weight[ry, rx]
-             for ry in range(3) for rx in range(3))
-    return np.clip(dw + dw_bias, 0, 6)
+    expanded = np.clip(data @ pw_weight + pw_bias, 0, 6)
+    return np.clip(_depthwise_reference(expanded, dw_weight, stride) + dw_bias, 0, 6)
 
 
 def _vector(channels: int) -> int:
