@@ -873,7 +873,7 @@ def next_task(alive: Sequence[int], weights: Sequence[float], best: Sequence[flo
 STORED_BATCHES_BEFORE_SENDING = 2  # evolutions in a row that found only stored schedules, then one is sent as is
 
 
-def _skipping_stored(population_size: int, stored: dict[int, set[str]], budget_left: Callable[[], int],
+def _skipping_stored(population_size: int, stored: dict[str, set[str]], budget_left: Callable[[], int],
                      skipped: list[int]):
     """MetaSchedule's evolutionary search, minus the schedules the log already holds for the task on this CPU.
 
