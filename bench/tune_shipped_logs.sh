@@ -59,7 +59,7 @@
 # On 2026-12-05 the logs got records of a fourth CPU, an Intel Xeon that LLVM names `emeraldrapids` (KVM model
 # 207, 2 cores; bench/README item 33): `--remeasure 8 --trials 0` for each model (10.5 min in all), then time-boxed
 # searches at 16 per task per round: V2 22 min (526 trials), V3-Large 20 min (368), V2-0.5-160 10 min (239) and
-# V3-Small 10 min (192).
+# V3-Small 10 min (192). Later that day (item 34): V2 50 min more (1,421 trials) and V3-Large 25 min (681).
 # Resumable: every measured record is kept, so stop it at any time and run it again; a larger budget
 # (first argument: a factor, default 1) adds trials where the time is (tvmnet's scheduler picks by
 # weight x latency, tasks with no trial first).
