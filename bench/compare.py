@@ -566,6 +566,14 @@ def llvm_cpu() -> str:
     return str(tvm.target.codegen.llvm_get_system_cpu())
 
 
+def build_c(source: Path, output: Path, *flags: str) -> None:
+    """Build a bench probe written in C with the system compiler (-O2 and ``flags``), or exit saying why."""
+    built = subprocess.run(["cc", "-O2", *flags, str(source), "-o", str(output)], capture_output=True, text=True)
+    if built.returncode != 0:
+        raise SystemExit(f"bench: could not build {source.name} (install a C compiler: apt install gcc): "
+                         f"{built.stderr.strip()[-500:]}")
+
+
 class FmaPeak:
     """This CPU's peak fp32 multiply-add rate (bench/fma_peak.c, built once for this CPU with the system C
     compiler): the ceiling for any kernel, and a probe of the host. On a VM whose cores another tenant
@@ -580,12 +588,11 @@ class FmaPeak:
     def __enter__(self) -> FmaPeak:
         self._tmp = tempfile.TemporaryDirectory(prefix="tvmnet-fma-peak-")
         self.binary = Path(self._tmp.name) / "fma_peak"
-        built = subprocess.run(["cc", "-O2", "-march=native", "-pthread", str(self.SOURCE), "-o", str(self.binary)],
-                               capture_output=True, text=True)
-        if built.returncode != 0:
+        try:
+            build_c(self.SOURCE, self.binary, "-march=native", "-pthread")
+        except SystemExit:
             self._tmp.cleanup()
-            raise SystemExit(f"bench: could not build {self.SOURCE.name} (install a C compiler: apt install gcc): "
-                             f"{built.stderr.strip()[-500:]}")
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:

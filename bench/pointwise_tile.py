@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""Whether padding a 7x7 pointwise convolution's 49 pixels would let it use a better register tile: a probe.
+"""Whether another register tile would make a pointwise convolution faster, padded or not: a probe.
 
 MetaSchedule splits loops only into factors that divide them, so a 1x1 convolution on 7x7 pixels gets a
 register tile of 7 pixels x one vector (49 = 7 x 7; 7 x 2 vectors needs more than AVX2's 16 registers). This
 script writes one fixed schedule of the same convolution as a matmul (pixels x input channels, weights packed
-per vector of output channels, bias and ReLU) for several pixel counts and tiles, 49 as it is and padded to 50
-or 56, and times each alone (warm) in alternating rounds against the task's fastest tuned record from the log.
-Times count only the 49 real pixels. A measure of the lever, not a kernel to ship (bench/README.md item 22).
+per vector of output channels, bias and ReLU) for several pixel counts and tiles, by default 49 as it is and
+padded to 50 or 56, and times each alone (warm) in alternating rounds against the task's fastest tuned record
+from the log. GFLOP/s count only the real pixels. A measure of the lever, not a kernel to ship (bench/README.md
+items 22 and 35). ``--tiles`` takes other tiles, for any 1x1 task (item 35: four vectors of AVX-512).
 
     TVM_NUM_THREADS=2 python bench/pointwise_tile.py [--model mobilenet_v1] [--task fused_conv2d18_add9]
+    TVM_NUM_THREADS=2 python bench/pointwise_tile.py --model mobilenet_v2 --task fused_conv2d20_add16 \
+        --tiles 196,7,32 196,7,64 196,4,64
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ from tvmnet.targets import get_target
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import export_onnx, parse_models  # noqa: E402 - the bench scripts share compare.py's helpers
 
-TILES = [(49, 7, 8), (50, 5, 16), (56, 4, 16)]
-"""(pixels after padding, pixels per register tile, floats per register tile)."""
+TILES = ["49,7,8", "50,5,16", "56,4,16"]
+"""The default ``--tiles``: pixels after padding, pixels per register tile, floats per register tile (a
+power-of-two count of vectors: LLVM made a 48-float tile 30-40x slower)."""
 
 
 def matmul_kernel(pixels: int, inputs: int, outputs: int, tile_pixels: int, tile_floats: int, target):
@@ -77,7 +81,9 @@ def evaluator(lib, shapes: list) -> Callable[[], float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="mobilenet_v1")
-    parser.add_argument("--task", default="fused_conv2d18_add9", help="a 1x1 convolution task at 7x7 (name prefix)")
+    parser.add_argument("--task", default="fused_conv2d18_add9", help="a 1x1 convolution task (name prefix)")
+    parser.add_argument("--tiles", nargs="+", default=TILES, metavar="PIXELS,ROWS,FLOATS",
+                        help="register tiles to time; PIXELS may exceed the task's (padding)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--work-dir", default=str(Path(__file__).resolve().parent / ".work"))
     args = parser.parse_args()
@@ -93,21 +99,23 @@ def main() -> None:
     arg_shapes = [[int(d) for d in arg.shape] for arg in tune._ms().arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)]
     _, height, width, inputs = arg_shapes[0]
     outputs = arg_shapes[-1][-1]
-    assert height * width == 49, f"{task.task_name} is not at 7x7"
     variants = {f"tuned record ({tune._record_seconds(record) * 1e6:.0f} µs in the database)":
                 evaluator(tune._build(sch.mod, target, None), arg_shapes)}
-    for pixels, tile_pixels, tile_floats in TILES:
+    for pixels, tile_pixels, tile_floats in (tuple(int(n) for n in tile.split(",")) for tile in args.tiles):
+        if pixels < height * width or pixels % tile_pixels or outputs % tile_floats:
+            raise SystemExit(f"bench: tile {pixels},{tile_pixels},{tile_floats} does not fit {height * width} pixels "
+                             f"and {outputs} output channels")
         lib, shapes = matmul_kernel(pixels, inputs, outputs, tile_pixels, tile_floats, target)
         variants[f"{pixels} pixels, tile {tile_pixels} x {tile_floats} floats"] = evaluator(lib, shapes)
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(args.rounds):
         for name, timer in (list(variants.items()) if round_ % 2 else list(variants.items())[::-1]):
             samples[name].append(timer())
-    useful_flop = 2 * 49 * inputs * outputs
-    print(f"{task.task_name}: 7x7, {inputs} -> {outputs} channels, {args.rounds} alternating rounds, medians")
+    useful_flop = 2 * height * width * inputs * outputs
+    print(f"{task.task_name}: {height}x{width}, {inputs} -> {outputs} channels, {args.rounds} alternating rounds, medians")
     for name, seconds in samples.items():
         median = statistics.median(seconds)
-        print(f"  {name:48s} {median * 1e6:8.1f} µs  {useful_flop / median / 1e9:6.1f} GFLOP/s on the 49 pixels")
+        print(f"  {name:48s} {median * 1e6:8.1f} µs  {useful_flop / median / 1e9:6.1f} GFLOP/s on the {height * width} pixels")
 
 
 if __name__ == "__main__":

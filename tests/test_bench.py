@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +179,17 @@ def test_pointwise_tile_probe_kernel_matches_numpy(pixels, tile_pixels, tile_flo
     module[module.entry_name](*(tvm.runtime.tensor(x, tvm.cpu()) for x in (a, packed, bias)), out)
     weights = packed.transpose(1, 0, 2).reshape(inputs, outputs)  # [blocks, inputs, floats] -> [inputs, outputs]
     np.testing.assert_allclose(out.numpy(), np.maximum(a @ weights + bias, 0), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the probe compares how two or more threads share a kernel")
+def test_thread_balance_probe_slices_compute_the_same_output(tiny_v2_artifact):
+    """bench/thread_balance.py takes over the artifact's parallel launches and runs each kernel's chunks as smaller
+    tasks that threads take from each other: whatever the split, every task must still run once, so the output
+    must not change by a bit, or its times compare different work."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "thread_balance.py"), str(tiny_v2_artifact),
+                           "--slices", "0,1,3,8", "--blocks", "2", "--calls", "2"],
+                          capture_output=True, text=True, timeout=170, cwd=REPO, env={**os.environ, "TVM_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "thread 1: busy" in proc.stdout, proc.stdout
+    variants = [line for line in proc.stdout.splitlines() if "output max |diff|" in line]
+    assert len(variants) == 4 and all(line.endswith("output max |diff| 0.0e+00") for line in variants), proc.stdout
