@@ -60,6 +60,10 @@
 # 207, 2 cores; bench/README item 33): `--remeasure 8 --trials 0` for each model (10.5 min in all), then time-boxed
 # searches at 16 per task per round: V2 22 min (526 trials), V3-Large 20 min (368), V2-0.5-160 10 min (239) and
 # V3-Small 10 min (192). Later that day (item 34): V2 50 min more (1,421 trials) and V3-Large 25 min (681).
+# Then (item 35) the split seeds of V3-Large's 11 and V3-Small's 14 convolutions on one pixel (tvmnet/search_space.py:
+# a serial fastest record with its outermost tile split across the threads), timed side by side with each task's
+# fastest record: `tvmnet tune MODEL --remeasure 1 --trials 0 --tasks ...`. A task is seeded once it has a record,
+# so from scratch the two `--remeasure 1 --trials 0` runs at the end of this script measure them.
 # Resumable: every measured record is kept, so stop it at any time and run it again; a larger budget
 # (first argument: a factor, default 1) adds trials where the time is (tvmnet's scheduler picks by
 # weight x latency, tasks with no trial first).
@@ -77,4 +81,6 @@ v1_losers=(fused_conv2d18_add9_relu91 fused_conv2d2_add1_relu11 fused_conv2d13_a
 tune mobilenet_v1 --trials $((1600 * factor)) --trials-per-iter 16 "${v1_losers[@]/#/--tasks=}"
 tune mobilenet_v3_large --trials $((3314 * factor)) --trials-per-iter 16
 tune mobilenet_v3_small --trials $((900 * factor)) --trials-per-iter 16
+tune mobilenet_v3_large --remeasure 1 --trials 0  # split seeds where the fastest record runs on one thread
+tune mobilenet_v3_small --remeasure 1 --trials 0
 tune mobilenet_v2 --alpha 0.5 --resolution 160 --trials $((600 * factor)) --trials-per-iter 16

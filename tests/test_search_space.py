@@ -6,6 +6,8 @@ ordinary database path, so the test builds a model from a padded record and chec
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -277,3 +279,66 @@ def test_compile_prefers_a_record_that_splits_rows_unless_it_is_much_slower(
     one_thread = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64", "num-cores": 1})
     fastest = "untuned" if untuned_seconds is not None and untuned_seconds < 1e-5 else "c"
     assert chosen(one_thread) == fastest  # one thread: nothing to split, the fastest record applies
+
+
+@pytest.mark.timeout(300)
+def test_split_seeds_share_a_serial_squeeze_excitation_kernel_and_match_onnxruntime(tmp_path):
+    """Every shipped record of MobileNetV3's squeeze-and-excitation kernels (a 1x1 convolution on one pixel
+    that scales the feature map) ran on one thread; `split_seeds` splits such a schedule's outermost tile
+    across the threads. The seed must run in parallel, keep the rest of the tiling, apply from a log and
+    compute what onnxruntime does; a parallel schedule gets no seeds (bench/README.md item 35)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvmnet import pipeline, search_space, tune, zoo
+    from tvmnet.frontend import load_onnx
+    from tvmnet.targets import get_target
+
+    target = get_target("x86").tvm_target()
+    threads = search_space.threads_of(target)
+    if threads < 2:
+        pytest.skip("split seeds are for two or more threads")
+    model = zoo.build_model("mobilenet_v3_large", alpha=0.25, resolution=96)
+    fused = pipeline.fuse(load_onnx(model).to_relax(), target)
+    def on_one_pixel(task) -> bool:
+        image = ms.arg_info.ArgInfo.from_entry_func(task.dispatched[0], remove_preproc=True)[0]
+        return [int(d) for d in image.shape][1:3] == [1, 1]
+
+    task = next(task for task in tune.extract_tasks(fused, target)
+                if task.task_name.startswith("fused_conv2d") and "multiply" in task.task_name and on_one_pixel(task))
+    workload = task.dispatched[0]
+    space = search_space.space_for(workload, target)
+    def with_outer_tiles_of_one(trace):
+        """``trace`` with every spatial loop whole in its second tile level, postprocessed."""
+        for inst in [inst for inst in trace.insts
+                     if inst.kind.name == "SamplePerfectTile" and len(trace.decisions[inst]) == 4]:
+            trace = trace.with_decision(inst, [1, math.prod(int(f) for f in trace.decisions[inst]), 1, 1], True)
+        return search_space._postprocessed(trace, workload, space.postprocs)
+
+    designs = ms.TuneContext(mod=workload, target=target, space_generator=space,
+                             task_name=task.task_name).generate_design_space()
+    # the design space that computes the scaling at the outermost tile, as every shipped record did, runs serially
+    serial = next((sch for sch in map(with_outer_tiles_of_one, (design.trace for design in designs))
+                   if sch is not None and search_space.runs_serially(sch.trace)), None)
+    assert serial is not None, task.task_name
+
+    seeds = search_space.split_seeds(serial.trace, workload, target)
+    assert seeds, task.task_name
+    for seed in seeds:
+        assert not search_space.runs_serially(seed)
+        split = [[int(f) for f in seed.decisions[inst]] for inst in seed.insts
+                 if inst.kind.name == "SamplePerfectTile" and len(seed.decisions[inst]) == 4]
+        assert sorted(factors[0] for factors in split) == [1] * (len(split) - 1) + [threads], split
+        assert search_space.split_seeds(seed, workload, target) == []
+    (tmp_path / "log").mkdir()
+    database = ms.database.JSONDatabase(work_dir=str(tmp_path / "log"))
+    record = ms.database.TuningRecord(seeds[0], database.commit_workload(workload), [1e-6], target,
+                                      ms.arg_info.ArgInfo.from_entry_func(workload, remove_preproc=True))
+    database.commit_tuning_record(record)
+    assert tune._split_seeds([task], [[record]], target) == [[]]  # the fastest record is parallel: no seeds
+
+    artifact = tvmnet.compile(model, output=tmp_path / "split", tuning_logs=tmp_path / "log")
+    compiled = tvmnet.load(artifact)
+    assert task.task_name in compiled.manifest["schedules"]["tuned"], compiled.manifest["schedules"]
+    spec = compiled.inputs[0]
+    x = np.random.default_rng(0).standard_normal(spec.shape).astype(spec.dtype)
+    np.testing.assert_allclose(compiled.run(x), ort_run(model, {spec.name: x})[0], rtol=RTOL, atol=ATOL)

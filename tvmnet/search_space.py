@@ -308,6 +308,47 @@ def padded_seeds(workload: tvm.IRModule, target: tvm.target.Target) -> list:
     return seeds
 
 
+def runs_serially(trace) -> bool:
+    """Whether a postprocessed schedule runs on one thread: its postprocessing parallelized no loop."""
+    return not any(inst.kind.name == "Parallel" for inst in trace.insts)
+
+
+def split_seeds(trace, workload: tvm.IRModule, target: tvm.target.Target) -> list:
+    """Postprocessed variants of a serial schedule ``trace`` of ``workload`` that split one spatial loop's
+    outermost tile :func:`threads_of` ways (the factor taken from the next tile level it divides), so that
+    the thread pool has that loop to share; the register tile is left as it is. Empty for a schedule that
+    runs in parallel already, or when ``target`` is not a CPU of two or more threads.
+
+    MetaSchedule parallelizes the loops a tiled block shares with the epilogue computed at its outermost
+    tile. In MobileNetV3's squeeze-and-excitation kernels (a 1x1 convolution on one pixel that then scales
+    the feature map) that tile had extent 1 in every record of the shipped logs, so all of them ran on one
+    core, and the scheduler never gave these small tasks a batch to find otherwise. Split two ways, V3-Large's
+    240->960 one ran in 0.56x the time of its fastest record alone (bench/README.md item 35)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    threads = threads_of(target)
+    if "cpu" not in target.keys or threads < 2 or not runs_serially(trace):
+        return []
+    postprocs = ms.TuneContext(mod=workload, target=target, space_generator=space_for(workload, target),
+                               task_name="split seeds").space_generator.postprocs
+    seeds = []
+    for inst in trace.insts:
+        # MultiLevelTiling splits each spatial loop into 4 tiles (the outermost is shared with the epilogue and
+        # parallelized) and each reduction loop into 2
+        if inst.kind.name != "SamplePerfectTile" or len(trace.decisions[inst]) != 4:
+            continue
+        factors = [int(f) for f in trace.decisions[inst]]
+        level = next((level for level in (1, 2) if factors[level] % threads == 0), None)
+        if level is None:
+            continue
+        factors[0] *= threads
+        factors[level] //= threads
+        sch = _postprocessed(trace.with_decision(inst, factors, True), workload, postprocs)
+        if sch is not None and not runs_serially(sch.trace):
+            seeds.append(sch.trace)
+    return seeds
+
+
 def _postprocessed(trace, workload: tvm.IRModule, postprocs) -> Schedule | None:
     """``trace`` replayed on ``workload`` as the search replays a record: without its postprocessing,
     then ``postprocs`` run again after the ``EnterPostproc`` marker. None if a postprocessor refuses."""

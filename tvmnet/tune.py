@@ -665,6 +665,18 @@ def _padded_seeds(tasks: Sequence, database, tvm_target, cpu: str) -> list[list]
             for task, records in zip(tasks, _tuned_by_speed(database, tasks, lambda c: c == cpu))]
 
 
+def _split_seeds(tasks: Sequence, ranked: Sequence[list], tvm_target) -> list[list]:
+    """For each task whose fastest tuned record on this CPU (first of its ``ranked`` list) runs on one thread,
+    records to measure holding that schedule split across the threads (:func:`search_space.split_seeds`).
+    Once one is fastest, the task is not seeded again."""
+    from . import search_space
+
+    ms = _ms()
+    return [[ms.database.TuningRecord(trace, ms.database.Workload(task.dispatched[0]))
+             for trace in search_space.split_seeds(records[0].trace, task.dispatched[0], tvm_target)]
+            if records else [] for task, records in zip(tasks, ranked)]
+
+
 SIDE_BY_SIDE_ROUNDS = 5  # rounds of schedules timed against a task's fastest record (see measure_schedules)
 
 
@@ -1126,6 +1138,8 @@ def tune(
             # this CPU's fastest records as the log holds them now, before anything is measured here
             ranked = _tuned_by_speed(database, selected, lambda c: c == cpu)
             seeds = dict(zip(seeded, _padded_seeds([selected[i] for i in seeded], database, tvm_target, cpu)))
+            splits = dict(zip(seeded, _split_seeds([selected[i] for i in seeded], [ranked[i] for i in seeded],
+                                                   tvm_target)))
             measure_schedules(no_floor, builder, runner, database, tvm_target, say)
             # a task with a fastest record here is timed side by side with it; the others in one batch
             unranked: list[tuple] = []
@@ -1135,7 +1149,7 @@ def tune(
                 theirs = elsewhere.get(i)
                 theirs = [theirs] if theirs is not None and (existing[i] == 0 or remeasure) else []
                 batches = [(ranked[i][1:remeasure], "next fastest records"), (theirs, "schedules from another CPU"),
-                           (seeds.get(i, []), "padded seeds")]  # names for messages
+                           (seeds.get(i, []), "padded seeds"), (splits.get(i, []), "split seeds")]  # names for messages
                 candidates = [record for records, _ in batches for record in records]
                 if not ranked[i]:
                     unranked += [(task, record, name) for records, name in batches for record in records]
