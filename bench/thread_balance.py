@@ -117,6 +117,8 @@ def main() -> None:
     if hasattr(library, "__TVMBackendParallelBarrier"):
         raise SystemExit(f"bench: {args.artifact} has kernels that synchronize inside a parallel loop; "
                          "slicing their tasks would break them")
+    if not hasattr(library, LAUNCH_POINTER):
+        raise SystemExit(f"bench: {args.artifact} runs no kernel in parallel (an untuned build?): nothing to share")
     slot = ctypes.c_void_p.in_dll(library, LAUNCH_POINTER)
     with tempfile.TemporaryDirectory(prefix="tvmnet-thread-balance-") as folder:
         probe_path = Path(folder) / "thread_balance.so"

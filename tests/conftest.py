@@ -59,6 +59,36 @@ def no_leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
 
 
+def log_of_design_spaces(model: onnx.ModelProto, log_dir: Path, keep=lambda schedule: True) -> list[str]:
+    """A MetaSchedule log for ``model`` on the x86 target that holds, per task, its first design space that ``keep``
+    accepts, postprocessed as the search does before it builds a candidate (so parallelized and vectorized) and
+    stored as measured at 1 µs: a tuned build without a search. Returns the names of the tasks it covers."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvmnet import pipeline, search_space, tune
+    from tvmnet.frontend import load_onnx
+    from tvmnet.targets import get_target
+
+    target = get_target("x86").tvm_target()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    database = ms.database.JSONDatabase(work_dir=str(log_dir))
+    covered = []
+    for task in tune.extract_tasks(pipeline.fuse(load_onnx(model).to_relax(), target), target):
+        workload = task.dispatched[0]
+        space = search_space.space_for(workload, target)
+        context = ms.TuneContext(mod=workload, target=target, space_generator=space, task_name=task.task_name)
+        schedule = next((sch for sch in context.generate_design_space() if keep(sch)), None)
+        if schedule is None:
+            continue
+        for postproc in space.postprocs:
+            assert postproc.apply(schedule), (task.task_name, postproc)
+        database.commit_tuning_record(ms.database.TuningRecord(
+            schedule.trace, database.commit_workload(workload), [1e-6], target,
+            ms.arg_info.ArgInfo.from_entry_func(workload, remove_preproc=True)))
+        covered.append(task.task_name)
+    return covered
+
+
 @pytest.fixture(scope="session")
 def tiny_v2_artifact(tmp_path_factory) -> Path:
     """MobileNetV2 α=0.25 ρ=96 compiled once for the tests that only need some artifact."""

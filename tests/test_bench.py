@@ -182,13 +182,28 @@ def test_pointwise_tile_probe_kernel_matches_numpy(pixels, tile_pixels, tile_flo
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the probe compares how two or more threads share a kernel")
-def test_thread_balance_probe_slices_compute_the_same_output(tiny_v2_artifact):
+def test_thread_balance_probe_slices_compute_the_same_output(tiny_v2_artifact, tmp_path):
     """bench/thread_balance.py takes over the artifact's parallel launches and runs each kernel's chunks as smaller
     tasks that threads take from each other: whatever the split, every task must still run once, so the output
-    must not change by a bit, or its times compare different work."""
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "thread_balance.py"), str(tiny_v2_artifact),
-                           "--slices", "0,1,3,8", "--blocks", "2", "--calls", "2"],
-                          capture_output=True, text=True, timeout=170, cwd=REPO, env={**os.environ, "TVM_NUM_THREADS": "2"})
+    must not change by a bit, or its times compare different work. An untuned build has no parallel kernel and
+    is refused with a message."""
+    import tvmnet
+    from tvmnet import zoo
+
+    from conftest import log_of_design_spaces
+
+    script = [sys.executable, str(REPO / "bench" / "thread_balance.py")]
+    options = ["--slices", "0,1,3,8", "--blocks", "2", "--calls", "2"]
+    env = {**os.environ, "TVM_NUM_THREADS": "2"}
+    proc = subprocess.run(script + [str(tiny_v2_artifact)] + options, capture_output=True, text=True, timeout=110,
+                          cwd=REPO, env=env)
+    assert proc.returncode != 0 and "runs no kernel in parallel" in proc.stderr, proc.stderr[-2000:]
+
+    model = zoo.build_model("mobilenet_v2", alpha=0.25, resolution=96)
+    log_of_design_spaces(model, tmp_path / "log")
+    artifact = tvmnet.compile(model, output=tmp_path / "parallel", tuning_logs=tmp_path / "log")
+    proc = subprocess.run(script + [str(artifact)] + options, capture_output=True, text=True, timeout=170, cwd=REPO,
+                          env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "thread 1: busy" in proc.stdout, proc.stdout
     variants = [line for line in proc.stdout.splitlines() if "output max |diff|" in line]

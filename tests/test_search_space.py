@@ -14,7 +14,7 @@ import pytest
 import tvmnet
 from tvmnet.search_space import padded_pixels
 
-from conftest import ATOL, RTOL, ort_run
+from conftest import ATOL, RTOL, log_of_design_spaces, ort_run
 
 
 @pytest.mark.parametrize("pixels, padded", [(49, 50), (9, 10), (7, None), (1, None), (196, None), (25, None),
@@ -31,33 +31,11 @@ def _model():
 
 @pytest.mark.timeout(300)
 def test_a_padded_schedule_applies_from_a_log_and_matches_onnxruntime(tmp_path):
-    from tvm.s_tir import meta_schedule as ms
-
-    from tvmnet import pipeline, search_space, tune
-    from tvmnet.frontend import load_onnx
-    from tvmnet.targets import get_target
+    from tvmnet import search_space
 
     model = _model()
-    target = get_target("x86").tvm_target()
-    fused = pipeline.fuse(load_onnx(model).to_relax(), target)
     log_dir = tmp_path / "log"
-    log_dir.mkdir()
-    database = ms.database.JSONDatabase(work_dir=str(log_dir))
-    padded_tasks = []
-    for task in tune.extract_tasks(fused, target):
-        workload = task.dispatched[0]
-        space = search_space.space_for(workload, target)
-        context = ms.TuneContext(mod=workload, target=target, space_generator=space, task_name=task.task_name)
-        padded = [sch for sch in context.generate_design_space() if search_space.is_padded(sch.trace)]
-        if not padded:
-            continue
-        schedule = padded[0]
-        for postproc in space.postprocs:  # as the search does before it builds a candidate
-            assert postproc.apply(schedule), (task.task_name, postproc)
-        database.commit_tuning_record(ms.database.TuningRecord(
-            schedule.trace, database.commit_workload(workload), [1e-6], target,
-            ms.arg_info.ArgInfo.from_entry_func(workload, remove_preproc=True)))
-        padded_tasks.append(task.task_name)
+    padded_tasks = log_of_design_spaces(model, log_dir, keep=lambda sch: search_space.is_padded(sch.trace))
     # the 1x1 convolutions on 3x3 pixels: the expansions and projections of the last blocks, and the head
     assert len(padded_tasks) >= 3, padded_tasks
 
