@@ -321,9 +321,9 @@ def split_seeds(trace, workload: tvm.IRModule, target: tvm.target.Target) -> lis
 
     MetaSchedule parallelizes the loops a tiled block shares with the epilogue computed at its outermost
     tile. In MobileNetV3's squeeze-and-excitation kernels (a 1x1 convolution on one pixel that then scales
-    the feature map) that tile had extent 1 in every record of the shipped logs, so all of them ran on one
-    core, and the scheduler never gave these small tasks a batch to find otherwise. Split two ways, V3-Large's
-    240->960 one ran in 0.56x the time of its fastest record alone (bench/README.md item 35)."""
+    the feature map) that tile had extent 1 in every record the shipped logs held for the `emeraldrapids`
+    Xeon, so they ran on one core. Split two ways, V3-Large's 240->960 one ran in 0.56x the time of its
+    fastest record alone (bench/README.md item 35)."""
     from tvm.s_tir import meta_schedule as ms
 
     threads = threads_of(target)

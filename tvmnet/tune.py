@@ -668,7 +668,8 @@ def _padded_seeds(tasks: Sequence, database, tvm_target, cpu: str) -> list[list]
 def _split_seeds(tasks: Sequence, ranked: Sequence[list], tvm_target) -> list[list]:
     """For each task whose fastest tuned record on this CPU (first of its ``ranked`` list) runs on one thread,
     records to measure holding that schedule split across the threads (:func:`search_space.split_seeds`).
-    Once one is fastest, the task is not seeded again."""
+    Once one is fastest, the task is not seeded again; seeds that lost are timed again by the next run (a few
+    seconds per task), as the host may have been busy."""
     from . import search_space
 
     ms = _ms()
