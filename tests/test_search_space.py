@@ -98,7 +98,8 @@ def test_padded_seeds_carry_the_register_tiles_the_padding_is_for(tmp_path):
     records = list(database.get_all_tuning_records())
     assert len(records) == count and all(search_space.is_padded(record.trace) for record in records), lines
     (task,) = tune._as_stored([task], database)
-    assert tune._padded_seeds([task], database, target, tune.cpu_of(target)) == [[]]
+    ranked = tune._tuned_by_speed(database, [task], lambda cpu: cpu == tune.cpu_of(target))
+    assert tune._padded_seeds([task], ranked, target) == [[]]
 
 
 def _replays_as_the_search_does(trace, workload, target) -> bool:

@@ -652,17 +652,17 @@ def fastest_here(database, tasks: Sequence, cpu: str, top: int) -> list[list]:
     return [[(task, records[rank]) for task, records in ranked if len(records) > rank] for rank in range(top)]
 
 
-def _padded_seeds(tasks: Sequence, database, tvm_target, cpu: str) -> list[list]:
+def _padded_seeds(tasks: Sequence, ranked: Sequence[list], tvm_target) -> list[list]:
     """For each task, records to measure holding its padded seeds (:func:`search_space.padded_seeds`);
-    none for a task that has a padded record measured on ``cpu`` already, so a resumed tune does not
-    measure them again."""
+    none for a task with a padded record among its ``ranked`` ones (this CPU's) already, so a resumed tune
+    does not measure them again."""
     from . import search_space
 
     ms = _ms()
     return [[] if any(search_space.is_padded(record.trace) for record in records) else
             [ms.database.TuningRecord(trace, ms.database.Workload(task.dispatched[0]))
              for trace in search_space.padded_seeds(task.dispatched[0], tvm_target)]
-            for task, records in zip(tasks, _tuned_by_speed(database, tasks, lambda c: c == cpu))]
+            for task, records in zip(tasks, ranked)]
 
 
 def _split_seeds(tasks: Sequence, ranked: Sequence[list], tvm_target) -> list[list]:
@@ -1138,9 +1138,9 @@ def tune(
                                                number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
             # this CPU's fastest records as the log holds them now, before anything is measured here
             ranked = _tuned_by_speed(database, selected, lambda c: c == cpu)
-            seeds = dict(zip(seeded, _padded_seeds([selected[i] for i in seeded], database, tvm_target, cpu)))
-            splits = dict(zip(seeded, _split_seeds([selected[i] for i in seeded], [ranked[i] for i in seeded],
-                                                   tvm_target)))
+            seeded_tasks, seeded_ranked = [selected[i] for i in seeded], [ranked[i] for i in seeded]
+            seeds = dict(zip(seeded, _padded_seeds(seeded_tasks, seeded_ranked, tvm_target)))
+            splits = dict(zip(seeded, _split_seeds(seeded_tasks, seeded_ranked, tvm_target)))
             measure_schedules(no_floor, builder, runner, database, tvm_target, say)
             # a task with a fastest record here is timed side by side with it; the others in one batch
             unranked: list[tuple] = []
