@@ -652,16 +652,21 @@ def fastest_here(database, tasks: Sequence, cpu: str, top: int) -> list[list]:
     return [[(task, records[rank]) for task, records in ranked if len(records) > rank] for rank in range(top)]
 
 
+def _to_measure(task, traces: Iterable) -> list:
+    """Records of ``task``'s workload holding ``traces``, with no run time yet: what
+    :func:`measure_schedules` takes to time seeds and candidates."""
+    ms = _ms()
+    return [ms.database.TuningRecord(trace, ms.database.Workload(task.dispatched[0])) for trace in traces]
+
+
 def _padded_seeds(tasks: Sequence, ranked: Sequence[list], tvm_target) -> list[list]:
     """For each task, records to measure holding its padded seeds (:func:`search_space.padded_seeds`);
     none for a task with a padded record among its ``ranked`` ones (this CPU's) already, so a resumed tune
     does not measure them again."""
     from . import search_space
 
-    ms = _ms()
     return [[] if any(search_space.is_padded(record.trace) for record in records) else
-            [ms.database.TuningRecord(trace, ms.database.Workload(task.dispatched[0]))
-             for trace in search_space.padded_seeds(task.dispatched[0], tvm_target)]
+            _to_measure(task, search_space.padded_seeds(task.dispatched[0], tvm_target))
             for task, records in zip(tasks, ranked)]
 
 
@@ -672,9 +677,7 @@ def _split_seeds(tasks: Sequence, ranked: Sequence[list], tvm_target) -> list[li
     seconds per task), as the host may have been busy."""
     from . import search_space
 
-    ms = _ms()
-    return [[ms.database.TuningRecord(trace, ms.database.Workload(task.dispatched[0]))
-             for trace in search_space.split_seeds(records[0].trace, task.dispatched[0], tvm_target)]
+    return [_to_measure(task, search_space.split_seeds(records[0].trace, task.dispatched[0], tvm_target))
             if records else [] for task, records in zip(tasks, ranked)]
 
 
@@ -1204,8 +1207,7 @@ def tune(
                 if interrupted.is_set():
                     break
                 if against is not None and found:
-                    records = [ms.database.TuningRecord(trace, ms.database.Workload(task.dispatched[0]))
-                               for _secs, trace in found]
+                    records = _to_measure(task, (trace for _secs, trace in found))
                     measure_schedules([task] * len(records), builder, runner, database, tvm_target, say,
                                       records=records, what="this search's fastest", against=against,
                                       rounds=SIDE_BY_SIDE_ROUNDS)
