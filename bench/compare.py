@@ -15,6 +15,10 @@ benchmark input is checked against onnxruntime's (tvmnet verify's tolerance, rto
     python bench/compare.py --models mobilenet_v2:0.25:96 --runs 5 --rounds 2 --warmup 2   # smoke run
     git worktree add /tmp/before HEAD~1 && python bench/compare.py --before-logs /tmp/before/tuning_logs
 
+Each ratio to onnxruntime comes with a 90% bootstrap interval over the rounds, and the run says for each
+``--goal MODEL=RATIO`` (by default issue 6's: V2 ≤ 0.8×, V1 and V3-Large ≤ 1.0×) whether tuned tvmnet met
+it: met only when the whole interval is at or under the goal, not met when all of it is above.
+
 ``--before-logs ROOT`` adds the artifact compiled with ROOT's log (an earlier commit's ``tuning_logs/``, say) as
 one more runtime, ``tvmnet-tuned-before``, in the same alternation: what a change to a log is worth, measured
 side by side, where two runs of this script hours apart on a shared host differ by more than that.
@@ -34,6 +38,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import shutil
 import socket
@@ -66,6 +71,9 @@ TVMNET_RUNTIMES = (UNTUNED, TUNED, BEFORE)
 MIN_TIMED_RUNS = 50
 LOAD_WARN = 0.5
 SCHEMA = 1
+GOALS = ("mobilenet_v2-1-224=0.8", "mobilenet_v1-1-224=1.0", "mobilenet_v3_large-1-224=1.0")
+"""Issue 6's goals: tuned tvmnet's median at most this many times onnxruntime's."""
+INTERVAL_LEVEL = 0.9
 
 
 def say(message: str) -> None:
@@ -452,6 +460,56 @@ def summarize(seconds: list[float]) -> dict[str, Any]:
             "min_ms": ms[0], "max_ms": ms[-1], "n": len(ms)}
 
 
+def ratio_interval(blocks: list[list[float]], reference: list[list[float]], level: float = INTERVAL_LEVEL,
+                   draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """The ``level`` bootstrap interval of median(blocks) / median(reference) over the rounds.
+
+    Each draw takes rounds with replacement, both runtimes' blocks of a round together: the host's state
+    changes from round to round, and a round that slowed both runtimes stays one paired sample. It says how
+    far this run's ratio could move with other rounds of the same hour, not what another hour would give."""
+    rng = random.Random(seed)
+    rounds = len(blocks)
+    ratios = []
+    for _ in range(draws):
+        picked = [rng.randrange(rounds) for _ in range(rounds)]
+        ratios.append(statistics.median([t for i in picked for t in blocks[i]])
+                      / statistics.median([t for i in picked for t in reference[i]]))
+    ratios.sort()
+    tail = int((1 - level) / 2 * draws)
+    return ratios[tail], ratios[draws - 1 - tail]
+
+
+def parse_goals(items: list[str]) -> dict[str, float]:
+    """``MODEL=RATIO`` items (MODEL as a result names it, e.g. mobilenet_v2-1-224) as a dict."""
+    goals = {}
+    for item in items:
+        model, _, ratio = item.partition("=")
+        try:
+            goals[model.strip()] = float(ratio)
+        except ValueError:
+            raise SystemExit(f"bench: --goal {item!r} is not MODEL=RATIO (e.g. mobilenet_v2-1-224=0.8)") from None
+    return goals
+
+
+def goal_verdicts(models: list[dict[str, Any]], goals: dict[str, float]) -> list[dict[str, Any]]:
+    """For each goal, whether this run's tuned tvmnet met it: met (the whole interval at or under the goal),
+    not met (all of it above), or undecided (the interval straddles the goal)."""
+    verdicts = []
+    by_name = {model["model"]: model for model in models}
+    for name, goal in goals.items():
+        model = by_name.get(name)
+        tuned = next((row for row in model["runtimes"] if row["runtime"] == TUNED), None) if model else None
+        if tuned is None:
+            why = "not in this run" if model is None else model["skipped"].get(TUNED, "no tuned artifact")
+            verdicts.append({"model": name, "goal": goal, "verdict": f"not measured: {why}"})
+            continue
+        low, high = tuned["ratio_interval_to_onnxruntime"]
+        verdict = "met" if high <= goal else "not met" if low > goal else "undecided"
+        verdicts.append({"model": name, "goal": goal, "ratio": tuned["ratio_to_onnxruntime"],
+                         "interval": [low, high], "verdict": verdict})
+    return verdicts
+
+
 def bench_model(config: ModelConfig, entry: dict[str, Any], args: argparse.Namespace,
                 openvino_ok: bool, fma: FmaPeak) -> dict[str, Any]:
     import numpy as np
@@ -525,12 +583,14 @@ def bench_model(config: ModelConfig, entry: dict[str, Any], args: argparse.Names
     for runtime, row in rows.items():
         row["ratio_to_onnxruntime"] = ratio(runtime, ORT)
         row["round_ratios_to_onnxruntime"] = round_ratios(runtime, ORT)
+        row["ratio_interval_to_onnxruntime"] = list(ratio_interval(times[runtime], times[ORT]))
     if TUNED in rows:
         rows[TUNED]["ratio_to_untuned"] = ratio(TUNED, UNTUNED)
     if BEFORE in rows:
         rows[BEFORE]["ratio_to_untuned"] = ratio(BEFORE, UNTUNED)
         rows[TUNED]["ratio_to_before"] = ratio(TUNED, BEFORE)
         rows[TUNED]["round_ratios_to_before"] = round_ratios(TUNED, BEFORE)
+        rows[TUNED]["ratio_interval_to_before"] = list(ratio_interval(times[TUNED], times[BEFORE]))
     skipped = {}
     if TUNED not in rows:
         skipped[TUNED] = entry["tuning"].get("skipped", "no tuning log")
@@ -655,6 +715,10 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _interval(bounds: list[float], digits: int = 2) -> str:
+    return f"{INTERVAL_LEVEL:.0%} interval {bounds[0]:.{digits}f}-{bounds[1]:.{digits}f}"
+
+
 def markdown(result: dict[str, Any]) -> str:
     ctx = result["context"]
     versions = ctx["versions"]
@@ -696,10 +760,14 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{error} | "
                 f"{'–' if check is None else ('pass' if check['passed'] else '**FAIL**')} | {tuned} |")
         tuned_row = next((row for row in model["runtimes"] if row["runtime"] == TUNED), {})
+        if tuned_row:
+            notes.append(f"- {model['model']}: {TUNED} / {ORT} = {tuned_row['ratio_to_onnxruntime']:.2f}, "
+                         f"{_interval(tuned_row['ratio_interval_to_onnxruntime'])}")
         if tuned_row.get("ratio_to_before") is not None:
             rounds = tuned_row["round_ratios_to_before"]
             notes.append(f"- {model['model']}: {TUNED} / {BEFORE} (the log under {model['tuning_before']['root']}) "
-                         f"= {tuned_row['ratio_to_before']:.3f} (rounds {min(rounds):.2f}-{max(rounds):.2f})")
+                         f"= {tuned_row['ratio_to_before']:.3f}, {_interval(tuned_row['ratio_interval_to_before'], 3)} "
+                         f"(rounds {min(rounds):.2f}-{max(rounds):.2f})")
         in_place = {row["runtime"]: row.get("input_read_in_place") for row in model["runtimes"]
                     if row.get("input_read_in_place") is not None}
         if in_place:
@@ -715,7 +783,13 @@ def markdown(result: dict[str, Any]) -> str:
     if result["warnings"]:
         notes += [f"- warning: {w}" for w in result["warnings"]]
     lines += ["", "Ratios are median / median from the same alternation; check = output vs onnxruntime "
-              "on the same seeded input, |Δ| ≤ 1e-4 + 1e-4·|ort|.", *([""] + notes if notes else [])]
+              "on the same seeded input, |Δ| ≤ 1e-4 + 1e-4·|ort|. Intervals: "
+              f"{INTERVAL_LEVEL:.0%} bootstrap over the rounds (`ratio_interval`).", *([""] + notes if notes else [])]
+    if result.get("goals"):
+        lines += ["", f"Goals ({TUNED} / {ORT}, met only when the whole interval is at or under the goal):", ""]
+        for goal in result["goals"]:
+            measured = (f"{goal['ratio']:.2f}, {_interval(goal['interval'])}: " if "ratio" in goal else "")
+            lines.append(f"- {goal['model']} ≤ {goal['goal']:.2f}×: {measured}**{goal['verdict']}**")
     return "\n".join(lines) + "\n"
 
 
@@ -742,6 +816,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"a second tuning-log root (an earlier commit's tuning_logs/): its artifact is timed "
                              f"as {BEFORE} in the same alternation")
     parser.add_argument("--no-openvino", action="store_true", help="leave OpenVINO out even when it is installed")
+    parser.add_argument("--goal", action="append", metavar="MODEL=RATIO",
+                        help=f"a ratio tuned tvmnet's median should stay within (repeatable; default: issue 6's "
+                             f"{' '.join(GOALS)})")
     parser.add_argument("--worker", choices=RUNTIME_ORDER, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
@@ -756,6 +833,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings: list[str] = []
     configs = parse_models(args.models)
     args.threads = args.threads or physical_cores()
+    goals = parse_goals(args.goal or [g for g in GOALS if g.partition("=")[0] in {c.slug for c in configs}])
     if args.rounds < 1 or args.warmup < 0 or args.threads < 1:
         raise SystemExit("bench: --rounds and --threads must be ≥ 1, --warmup ≥ 0")
     args.runs = args.runs or math.ceil(2 * MIN_TIMED_RUNS / args.rounds)
@@ -842,7 +920,8 @@ def main(argv: list[str] | None = None) -> int:
               if r.get("check") and not r["check"]["passed"]]
     if failed:
         warnings.append("numerical check FAILED for " + ", ".join(failed))
-    result = {"schema": SCHEMA, "context": context, "models": models, "warnings": warnings}
+    result = {"schema": SCHEMA, "context": context, "models": models, "warnings": warnings,
+              "goals": goal_verdicts(models, goals)}
 
     args.results_dir.mkdir(parents=True, exist_ok=True)
     stem = args.results_dir / f"{now.strftime('%Y-%m-%d')}-{slug(context['cpu_model'])}"

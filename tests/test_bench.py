@@ -29,7 +29,7 @@ def test_compare_smoke(tmp_path):
         [sys.executable, str(REPO / "bench" / "compare.py"), "--models", "mobilenet_v2:0.25:96",
          "--runs", str(RUNS), "--rounds", str(ROUNDS), "--warmup", "2", "--pause", "0.05", "--threads", "2",
          "--settle", "0", "--work-dir", str(work), "--results-dir", str(results), "--tuning-logs", str(logs),
-         "--before-logs", str(logs)],
+         "--before-logs", str(logs), "--goal", "mobilenet_v2-0.25-96=0.8"],
         capture_output=True, text=True, timeout=280, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,6 +60,8 @@ def test_compare_smoke(tmp_path):
             assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, (name, key, row[key])
         assert row["min_ms"] <= row["median_ms"] <= row["p90_ms"] <= row["max_ms"], name
         assert math.isclose(row["ratio_to_onnxruntime"], row["median_ms"] / rows["onnxruntime"]["median_ms"])
+        low, high = row["ratio_interval_to_onnxruntime"]
+        assert 0 < low <= high, name
         if name != "onnxruntime":
             check = row["check"]
             assert check["passed"] and check["shape"] == [1, 1000], (name, check)
@@ -67,10 +69,47 @@ def test_compare_smoke(tmp_path):
     untuned = rows["tvmnet-untuned"]["schedules"]
     assert untuned["tuned"] == 0 and untuned["total"] > 0 and untuned["database"] is None
 
+    # the goal asked for is reported, and says why it could not be judged
+    (goal,) = result["goals"]
+    assert goal["model"] == "mobilenet_v2-0.25-96" and goal["verdict"].startswith("not measured: no tuning log"), goal
+
     table = md_path.read_text()
     assert "| model | runtime | median ms | p90 ms | × onnxruntime |" in table
+    assert "- mobilenet_v2-0.25-96 ≤ 0.80×: **not measured: no tuning log" in table
     assert "| mobilenet_v2-0.25-96 | tvmnet-untuned |" in table and "no tuning log" in table
     assert table.strip() in proc.stdout
+
+
+def test_ratio_interval_pairs_rounds_and_brackets_the_ratio(monkeypatch):
+    """compare.py's bootstrap keeps each round's two blocks together: a host state that slowed both runtimes in
+    a round must cancel out, and the interval must bracket the ratio of the whole run's medians."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from compare import ratio_interval
+
+    rng = np.random.default_rng(0)
+    host = [1.0, 1.6, 0.9, 2.2, 1.1, 1.3]  # each round's slowdown, shared by both runtimes
+    reference = [[h * t for t in 1 + 0.01 * rng.standard_normal(10)] for h in host]
+    faster = [[0.8 * t for t in block] for block in reference]
+    assert ratio_interval(faster, reference) == pytest.approx((0.8, 0.8))
+    noisy = [[t * f for t, f in zip(block, 1 + 0.2 * rng.standard_normal(10))] for block in faster]
+    low, high = ratio_interval(noisy, reference)
+    flat = lambda blocks: float(np.median([t for b in blocks for t in b]))  # noqa: E731
+    assert low < flat(noisy) / flat(reference) < high and high - low < 0.4
+
+
+@pytest.mark.parametrize("interval, verdict", [((0.70, 0.79), "met"), ((0.75, 0.85), "undecided"),
+                                               ((0.81, 0.95), "not met")])
+def test_goal_verdict_needs_the_whole_interval(interval, verdict, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from compare import goal_verdicts
+
+    model = {"model": "mobilenet_v2-1-224", "skipped": {},
+             "runtimes": [{"runtime": "tvmnet-tuned", "ratio_to_onnxruntime": sum(interval) / 2,
+                           "ratio_interval_to_onnxruntime": list(interval)}]}
+    (result,) = goal_verdicts([model], {"mobilenet_v2-1-224": 0.8})
+    assert result["verdict"] == verdict
+    (absent,) = goal_verdicts([model], {"mobilenet_v1-1-224": 1.0})
+    assert absent["verdict"] == "not measured: not in this run"
 
 
 @pytest.mark.timeout(300)
