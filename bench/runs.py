@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Every compare.py run in bench/results, pooled by CPU: how often tuned tvmnet met each goal.
+
+One run's interval covers its own rounds; on a shared host the hours between runs move a model by more than
+that (bench/README.md items 34 and 36), so a goal is judged over runs too. This reads every ``compare.py``
+result whose tuned artifacts came from a repo's ``tuning_logs/`` (runs on a scratch log are left out and
+counted) and prints, per CPU (LLVM's name for it) and model, how many runs timed the model, the median and
+range of their tuned tvmnet / onnxruntime ratios, and in how many of them the ratio was at or under the goal.
+
+    python bench/runs.py                                    # every CPU, issue 6's goals
+    python bench/runs.py --cpu emeraldrapids --since 2026-12-05
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import GOALS, TUNED, parse_goals  # noqa: E402 - one definition of the goals, in compare.py
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Pool:
+    """One CPU's tuned / onnxruntime ratios of one model, a run each, oldest first."""
+
+    ratios: list[float] = field(default_factory=list)
+    runs: list[str] = field(default_factory=list)
+
+
+def read_runs(results: Path, cpu: str | None, since: str | None) -> tuple[dict[tuple[str, str], Pool], int]:
+    """The pooled ratios by (CPU, model), and how many runs used a log outside a repo's tuning_logs/."""
+    pools: dict[tuple[str, str], Pool] = {}
+    scratch = 0
+    runs = []
+    for path in results.glob("*.json"):
+        result = json.loads(path.read_text())
+        if "models" in result and "context" in result:  # compare.py's, not breakdown.py's or layout_lever.py's
+            runs.append((result["context"]["date_utc"], path.stem, result))
+    for date, name, result in sorted(runs):
+        run_cpu = result["context"].get("llvm_cpu") or "?"
+        if (cpu and run_cpu != cpu) or (since and date < since):
+            continue
+        if any(Path(model["tuning"].get("root", "")).name != "tuning_logs" for model in result["models"]):
+            scratch += 1
+            continue
+        for model in result["models"]:
+            tuned = next((row for row in model["runtimes"] if row["runtime"] == TUNED), None)
+            if tuned is not None:
+                pool = pools.setdefault((run_cpu, model["model"]), Pool())
+                pool.ratios.append(tuned["ratio_to_onnxruntime"])
+                pool.runs.append(name)
+    return pools, scratch
+
+
+def markdown(pools: dict[tuple[str, str], Pool], goals: dict[str, float], scratch: int) -> str:
+    lines = ["| CPU (LLVM) | model | runs | median | range | goal | runs at or under it | last run |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for (cpu, model), pool in sorted(pools.items()):
+        goal = goals.get(model)
+        met = "–" if goal is None else f"{sum(r <= goal for r in pool.ratios)} of {len(pool.ratios)}"
+        lines.append(f"| {cpu} | {model} | {len(pool.ratios)} | {statistics.median(pool.ratios):.2f} | "
+                     f"{min(pool.ratios):.2f}-{max(pool.ratios):.2f} | {'–' if goal is None else f'{goal:.2f}'} | "
+                     f"{met} | {pool.runs[-1]} |")
+    lines += ["", "Ratios: tuned tvmnet / onnxruntime, median over median within each run."
+              + (f" Left out: {scratch} run(s) on a log outside a repo's tuning_logs/." if scratch else "")]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--cpu", help="only runs on this CPU (LLVM's name, e.g. emeraldrapids)")
+    parser.add_argument("--since", help="only runs at or after this UTC date (e.g. 2026-12-05)")
+    parser.add_argument("--goal", action="append", metavar="MODEL=RATIO",
+                        help=f"repeatable (default: issue 6's {' '.join(GOALS)})")
+    args = parser.parse_args(argv)
+    pools, scratch = read_runs(args.results_dir, args.cpu, args.since)
+    if not pools:
+        raise SystemExit(f"bench: no compare.py run in {args.results_dir} matches")
+    print(markdown(pools, parse_goals(args.goal or list(GOALS)), scratch), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
