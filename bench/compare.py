@@ -74,6 +74,8 @@ SCHEMA = 1
 GOALS = ("mobilenet_v2-1-224=0.8", "mobilenet_v1-1-224=1.0", "mobilenet_v3_large-1-224=1.0")
 """Issue 6's goals: tuned tvmnet's median at most this many times onnxruntime's."""
 INTERVAL_LEVEL = 0.9
+MIN_ROUNDS_FOR_VERDICT = 5
+"""Fewer rounds than this give an interval from too few draws to judge a goal by (one round gives none)."""
 
 
 def say(message: str) -> None:
@@ -504,7 +506,10 @@ def goal_verdicts(models: list[dict[str, Any]], goals: dict[str, float]) -> list
             verdicts.append({"model": name, "goal": goal, "verdict": f"not measured: {why}"})
             continue
         low, high = tuned["ratio_interval_to_onnxruntime"]
-        verdict = "met" if high <= goal else "not met" if low > goal else "undecided"
+        if len(tuned["round_medians_ms"]) < MIN_ROUNDS_FOR_VERDICT:
+            verdict = f"undecided: fewer than {MIN_ROUNDS_FOR_VERDICT} rounds"
+        else:
+            verdict = "met" if high <= goal else "not met" if low > goal else "undecided"
         verdicts.append({"model": name, "goal": goal, "ratio": tuned["ratio_to_onnxruntime"],
                          "interval": [low, high], "verdict": verdict})
     return verdicts

@@ -103,11 +103,14 @@ def test_goal_verdict_needs_the_whole_interval(interval, verdict, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     from compare import goal_verdicts
 
-    model = {"model": "mobilenet_v2-1-224", "skipped": {},
-             "runtimes": [{"runtime": "tvmnet-tuned", "ratio_to_onnxruntime": sum(interval) / 2,
-                           "ratio_interval_to_onnxruntime": list(interval)}]}
+    tuned = {"runtime": "tvmnet-tuned", "ratio_to_onnxruntime": sum(interval) / 2,
+             "ratio_interval_to_onnxruntime": list(interval), "round_medians_ms": [1.0] * 10}
+    model = {"model": "mobilenet_v2-1-224", "skipped": {}, "runtimes": [tuned]}
     (result,) = goal_verdicts([model], {"mobilenet_v2-1-224": 0.8})
     assert result["verdict"] == verdict
+    tuned["round_medians_ms"] = [1.0] * 2  # two rounds: no verdict, whatever the interval says
+    (result,) = goal_verdicts([model], {"mobilenet_v2-1-224": 0.8})
+    assert result["verdict"] == "undecided: fewer than 5 rounds"
     (absent,) = goal_verdicts([model], {"mobilenet_v1-1-224": 1.0})
     assert absent["verdict"] == "not measured: not in this run"
 
