@@ -19,7 +19,6 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import GOALS, TUNED, parse_goals  # noqa: E402 - one definition of the goals, in compare.py
