@@ -349,6 +349,34 @@ def split_seeds(trace, workload: tvm.IRModule, target: tvm.target.Target) -> lis
     return seeds
 
 
+def row_seeds(trace, workload: tvm.IRModule, target: tvm.target.Target) -> list:
+    """Postprocessed variants of ``trace`` (a schedule of an NHWC convolution ``workload``) whose pixel tile
+    between the two reduction tiles spans a whole row of the output: the column loop's two outer tiles are
+    folded into it, so a chunk of weights loaded for one row of pixels serves every column before the next
+    chunk. Empty if the columns already tile so, for other blocks than an NHWC convolution's (four spatial
+    loops of four tiles each), or when ``target`` is not a CPU.
+
+    In V1's 512->512 convolution at 14x14 (5 calls), the fastest record on the `emeraldrapids` Xeon ran
+    half a row (7 pixels) per chunk; the whole row ran 0.89x its time alone and took about 4% off V1 in the
+    model (bench/README.md item 37). The search had found 51 such schedules for the task, none faster than
+    that record: it changes its tiles together, and a single change to one it has ranked first is rare."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if "cpu" not in target.keys:
+        return []
+    tiles = [inst for inst in trace.insts if inst.kind.name == "SamplePerfectTile" and len(trace.decisions[inst]) == 4]
+    if len(tiles) != 4:  # batch, rows, columns, output channels
+        return []
+    columns = [int(f) for f in trace.decisions[tiles[2]]]
+    if columns[0] == columns[1] == 1:
+        return []
+    widened = [1, 1, math.prod(columns[:3]), columns[3]]
+    postprocs = ms.TuneContext(mod=workload, target=target, space_generator=space_for(workload, target),
+                               task_name="row seeds").space_generator.postprocs
+    sch = _postprocessed(trace.with_decision(tiles[2], widened, True), workload, postprocs)
+    return [sch.trace] if sch is not None else []
+
+
 def _postprocessed(trace, workload: tvm.IRModule, postprocs) -> Schedule | None:
     """``trace`` replayed on ``workload`` as the search replays a record: without its postprocessing,
     then ``postprocs`` run again after the ``EnterPostproc`` marker. None if a postprocessor refuses."""

@@ -670,15 +670,13 @@ def _padded_seeds(tasks: Sequence, ranked: Sequence[list], tvm_target) -> list[l
             for task, records in zip(tasks, ranked)]
 
 
-def _split_seeds(tasks: Sequence, ranked: Sequence[list], tvm_target) -> list[list]:
-    """For each task whose fastest tuned record on this CPU (first of its ``ranked`` list) runs on one thread,
-    records to measure holding that schedule split across the threads (:func:`search_space.split_seeds`).
-    Once one is fastest, the task is not seeded again; seeds that lost are timed again by the next run (a few
-    seconds per task), as the host may have been busy."""
-    from . import search_space
-
-    return [_to_measure(task, search_space.split_seeds(records[0].trace, task.dispatched[0], tvm_target))
-            if records else [] for task, records in zip(tasks, ranked)]
+def _seeds_from_fastest(tasks: Sequence, ranked: Sequence[list], tvm_target, make: Callable) -> list[list]:
+    """For each task, records to measure holding ``make(trace, workload, target)``'s variants of its fastest
+    tuned record on this CPU (first of its ``ranked`` list): :func:`search_space.split_seeds` and
+    :func:`search_space.row_seeds`. Once a variant is fastest, it makes none of itself; variants that lost are
+    timed again by the next run (a few seconds per task), as the host may have been busy."""
+    return [_to_measure(task, make(records[0].trace, task.dispatched[0], tvm_target)) if records else []
+            for task, records in zip(tasks, ranked)]
 
 
 SIDE_BY_SIDE_ROUNDS = 5  # rounds of schedules timed against a task's fastest record (see measure_schedules)
@@ -1078,7 +1076,8 @@ def tune(
     A task with a pixel-padded variant in the search space (``tvmnet/search_space.py``: a 1x1 convolution on
     7x7 pixels) that has no padded record on this CPU yet first gets its padded seeds timed (9 schedules at
     7x7, on top of ``trials``), side by side with its fastest record, when it is tuned or ``remeasure`` is
-    given; the search then starts from them.
+    given; the search then starts from them. So do its split seeds (:func:`search_space.split_seeds`, when its
+    fastest record runs on one thread) and its row seed (:func:`search_space.row_seeds`).
 
     ``recheck=K`` times, after the search, each task's K fastest candidates of this run side by side with
     the task's fastest record from before it, and stores them again on the log's scale. The search stores
@@ -1143,7 +1142,8 @@ def tune(
             ranked = _tuned_by_speed(database, selected, lambda c: c == cpu)
             seeded_tasks, seeded_ranked = [selected[i] for i in seeded], [ranked[i] for i in seeded]
             seeds = dict(zip(seeded, _padded_seeds(seeded_tasks, seeded_ranked, tvm_target)))
-            splits = dict(zip(seeded, _split_seeds(seeded_tasks, seeded_ranked, tvm_target)))
+            splits, rows = (dict(zip(seeded, _seeds_from_fastest(seeded_tasks, seeded_ranked, tvm_target, make)))
+                            for make in (search_space.split_seeds, search_space.row_seeds))
             measure_schedules(no_floor, builder, runner, database, tvm_target, say)
             # a task with a fastest record here is timed side by side with it; the others in one batch
             unranked: list[tuple] = []
@@ -1153,7 +1153,8 @@ def tune(
                 theirs = elsewhere.get(i)
                 theirs = [theirs] if theirs is not None and (existing[i] == 0 or remeasure) else []
                 batches = [(ranked[i][1:remeasure], "next fastest records"), (theirs, "schedules from another CPU"),
-                           (seeds.get(i, []), "padded seeds"), (splits.get(i, []), "split seeds")]  # names for messages
+                           (seeds.get(i, []), "padded seeds"), (splits.get(i, []), "split seeds"),
+                           (rows.get(i, []), "row seeds")]  # names for messages
                 candidates = [record for records, _ in batches for record in records]
                 if not ranked[i]:
                     unranked += [(task, record, name) for records, name in batches for record in records]
