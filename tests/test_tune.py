@@ -54,9 +54,9 @@ def _trials(records: list) -> list:
     return [r for r in records if not is_baseline(r)]
 
 
-def _copy_measured_slower(log_dir: Path, copy: Path, factor: float = 1000) -> Path:
-    """A copy of a tuning log with every stored time multiplied by ``factor``: a log as if measured on a far
-    busier host than the one the test runs on."""
+def _copy_with_times_scaled(log_dir: Path, copy: Path, factor: float = 1000) -> Path:
+    """A copy of a tuning log with every stored time multiplied by ``factor``: above 1, a log as if measured on
+    a far busier host than the one the test runs on; below 1, as if this host were far busier now."""
     import json
     import shutil
 
@@ -427,19 +427,21 @@ def test_log_from_another_cpu_seeds_a_tune_here(tuned, tmp_path):
 
 def test_remeasure_times_each_tasks_next_fastest_records_against_its_fastest(tuned, tmp_path):
     """``remeasure=2, trials=0`` on a log measured under other conditions (its times multiplied by 1000, as
-    if measured on a far busier host): each task's 2nd fastest schedule and, for the task that has one, its
-    fastest schedule from another CPU are timed side by side with its fastest record and stored beside the
-    old records, on the log's scale (within 20x of the same schedule's earlier stored time, where times
+    if measured on a far busier host): each task's 2nd fastest schedule, its row seed (where its fastest
+    schedule has one) and, for the task that has one, its fastest schedule from another CPU are timed side
+    by side with its fastest record and stored beside the old records, on the log's scale (within 20x of the same schedule's earlier stored time, where times
     stored as measured would be about 1000x below it); the fastest is not stored again; nothing is searched."""
     import json
     from collections import Counter
 
     from tvmnet.targets import get_target
+    from tvmnet import search_space
     from tvmnet.tune import RECORD_FILE, _shash, cpu_of
 
-    here = str(get_target("x86").tvm_target().attrs["mcpu"])
+    target = get_target("x86").tvm_target()
+    here = str(target.attrs["mcpu"])
     other = "skylake-avx512" if here != "skylake-avx512" else "znver3"
-    log = _copy_measured_slower(tuned[0].log_dir, tmp_path / "log")
+    log = _copy_with_times_scaled(tuned[0].log_dir, tmp_path / "log")
     slower = (log / RECORD_FILE).read_text().splitlines()
     # the last trial of the log, as if the other CPU had measured it: measured here again, it is one more record
     trial = next(line for line in reversed(slower) if json.loads(line)[1][0][0])
@@ -454,23 +456,39 @@ def test_remeasure_times_each_tasks_next_fastest_records_against_its_fastest(tun
     lines: list[str] = []
     again = tvmnet_tune(_model(), trials=0, tasks=TASKS, log_dir=log, remeasure=2, progress=lines.append, **SMALL)
     assert sum("side by side with its fastest record, 5 rounds" in line for line in lines) == 2, lines
-    assert any("(next fastest records: 1, schedules from another CPU: 1)" in line for line in lines), lines
+    assert any("(next fastest records: 1, schedules from another CPU: 1" in line for line in lines), lines
     assert not any("tuning 2 tasks" in line for line in lines), lines
     after = _trials(_database_records(log))
     added = Counter((_shash(r.workload.mod), str(r.trace), cpu_of(r.target)) for r in after)
     added.subtract(Counter((_shash(r.workload.mod), str(r.trace), cpu_of(r.target)) for r in before))
     expected = Counter((key, str(records[1].trace), here) for key, records in fastest.items())
     expected[(_shash(theirs.workload.mod), str(theirs.trace), here)] += 1
-    assert +added == expected
+    row_seeds = Counter((key, str(seed), here) for key, records in fastest.items()
+                        for seed in search_space.row_seeds(records[0].trace, records[0].workload.mod, target))
+    assert +added == expected + row_seeds
     old_times = {float(r.run_secs[0]) for r in before}
     new_records = [r for r in after if float(r.run_secs[0]) not in old_times]
-    assert len(new_records) == 3
+    assert len(new_records) == 3 + row_seeds.total()
     stored_before = {(_shash(r.workload.mod), str(r.trace)): float(r.run_secs[0]) for r in before}
-    for record in new_records:
+    for record in (r for r in new_records if (_shash(r.workload.mod), str(r.trace)) in stored_before):
         # the same schedule's earlier time is on the log's scale too; a time stored as measured would be ~1000x below
         ratio = float(record.run_secs[0]) / stored_before[(_shash(record.workload.mod), str(record.trace))]
         assert 0.05 < ratio < 20, (ratio, lines)
-    assert sorted(a.trials - t.trials for a, t in zip(again.tasks, tuned[0].tasks)) == [1, 2]
+    assert sum(a.trials - t.trials for a, t in zip(again.tasks, tuned[0].tasks)) == 3 + row_seeds.total()
+
+
+def test_remeasure_stores_nothing_when_the_fastest_record_runs_far_slower_than_the_log_says(tuned, tmp_path):
+    """On a host far busier than when the log was measured (here, its times divided by 1000), side by side
+    times do not hold (a parallel kernel stalls far more than a serial one): ``remeasure`` says so, per task,
+    and stores nothing."""
+    from tvmnet.tune import RECORD_FILE
+
+    log = _copy_with_times_scaled(tuned[0].log_dir, tmp_path / "log", factor=1e-3)
+    stored = (log / RECORD_FILE).read_text()
+    lines: list[str] = []
+    tvmnet_tune(_model(), trials=0, tasks=TASKS, log_dir=log, remeasure=2, progress=lines.append, **SMALL)
+    assert sum("the host is too busy to compare schedules side by side" in line for line in lines) == 2, lines
+    assert (log / RECORD_FILE).read_text() == stored
 
 
 def test_recheck_stores_the_searchs_fastest_candidates_again_on_the_logs_scale(tuned, tmp_path):
@@ -484,7 +502,7 @@ def test_recheck_stores_the_searchs_fastest_candidates_again_on_the_logs_scale(t
 
     from tvmnet.tune import RECORD_FILE
 
-    log = _copy_measured_slower(tuned[0].log_dir, tmp_path / "log")
+    log = _copy_with_times_scaled(tuned[0].log_dir, tmp_path / "log")
     stored_before = len((log / RECORD_FILE).read_text().splitlines())
 
     lines: list[str] = []

@@ -680,6 +680,12 @@ def _seeds_from_fastest(tasks: Sequence, ranked: Sequence[list], tvm_target, mak
 
 
 SIDE_BY_SIDE_ROUNDS = 5  # rounds of schedules timed against a task's fastest record (see measure_schedules)
+BUSY_HOST_SLOWDOWN = 4.0
+"""A task's fastest record running this many times slower than the log says shows a host too busy for side by
+side times: threads that other processes deschedule stall a parallel kernel at its barriers far more than a
+serial one, so the ratio no longer holds. While MobileNetV2 ran in another process, a serial schedule of a
+V3-Large squeeze-and-excitation scaling timed 0.003x its parallel fastest record side by side, and about as
+fast alone (bench/README.md item 38)."""
 
 
 def measure_schedules(tasks: Sequence, builder, runner, database, tvm_target, say: Progress,
@@ -772,6 +778,11 @@ def measure_schedules(tasks: Sequence, builder, runner, database, tvm_target, sa
         else:
             scale = _record_seconds(against) / medians[reference]
             others = [medians[i] for i in ready if i != reference]
+            if scale < 1 / BUSY_HOST_SLOWDOWN:
+                say(f"{tasks[0].task_name}: its fastest record ran {1 / scale:.0f}x slower than the log says: the host "
+                    f"is too busy to compare schedules side by side; the schedules ({what}) are not stored, run again "
+                    "when it is quieter")
+                return
             if others:
                 say(f"{tasks[0].task_name}: the fastest of them took {min(others) / medians[reference]:.2f}x the time "
                     "of its fastest record")
