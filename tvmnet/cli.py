@@ -102,8 +102,9 @@ def compile_cmd(model: str | None, target: str, output: Path, input_shapes: tupl
 @click.option("--remeasure", type=int, default=0, metavar="N",
               help="First time each task's 2nd to Nth fastest records of this CPU, its fastest from another "
                    "CPU, its padded seeds (if it has no padded record) and its split seeds (if its fastest runs "
-                   "on one thread) and its row seed (its fastest's pixel tile widened to a whole row) side by side with its fastest, and store them on the log's scale: re-ranks a "
-                   "log measured under other conditions; --trials 0 stops after that.")
+                   "on one thread) and its row seed (its fastest's pixel tile widened to a whole row) side by side "
+                   "with its fastest, and store them on the log's scale: re-ranks a log measured under other "
+                   "conditions; --trials 0 stops after that.")
 @click.option("--recheck", type=int, default=0, metavar="N",
               help="After the search, time each task's N fastest new candidates side by side with its fastest "
                    "earlier record and store them on the log's scale (a host busier now than when the log was "

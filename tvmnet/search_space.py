@@ -357,9 +357,10 @@ def row_seeds(trace, workload: tvm.IRModule, target: tvm.target.Target) -> list:
     loops of four tiles each), or when ``target`` is not a CPU.
 
     In V1's 512->512 convolution at 14x14 (5 calls), the fastest record on the `emeraldrapids` Xeon ran
-    half a row (7 pixels) per chunk; the whole row ran 0.89x its time alone and took about 4% off V1 in the
-    model (bench/README.md item 37). The search had found 51 such schedules for the task, none faster than
-    that record: it changes its tiles together, and a single change to one it has ranked first is rare."""
+    half a row (7 pixels) per chunk; the whole row ran 0.97x its time side by side in ``tune`` (0.89x in a
+    hand-written timer), and V1 with it ran about 0.96x as long (bench/README.md items 37 and 38). The search
+    had found 51 such schedules for the task, none faster than that record: it changes its tiles together,
+    and a single change to the one it ranks first is rare."""
     from tvm.s_tir import meta_schedule as ms
 
     if "cpu" not in target.keys:
