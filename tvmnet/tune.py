@@ -1088,7 +1088,7 @@ def tune(
     7x7 pixels) that has no padded record on this CPU yet first gets its padded seeds timed (9 schedules at
     7x7, on top of ``trials``), side by side with its fastest record, when it is tuned or ``remeasure`` is
     given; the search then starts from them. So do its split seeds (:func:`search_space.split_seeds`, when its
-    fastest record runs on one thread) and its row seed (:func:`search_space.row_seeds`).
+    fastest record runs on one thread), and with ``remeasure`` its row seed (:func:`search_space.row_seeds`).
 
     ``recheck=K`` times, after the search, each task's K fastest candidates of this run side by side with
     the task's fastest record from before it, and stores them again on the log's scale. The search stores
@@ -1153,8 +1153,12 @@ def tune(
             ranked = _tuned_by_speed(database, selected, lambda c: c == cpu)
             seeded_tasks, seeded_ranked = [selected[i] for i in seeded], [ranked[i] for i in seeded]
             seeds = dict(zip(seeded, _padded_seeds(seeded_tasks, seeded_ranked, tvm_target)))
-            splits, rows = (dict(zip(seeded, _seeds_from_fastest(seeded_tasks, seeded_ranked, tvm_target, make)))
-                            for make in (search_space.split_seeds, search_space.row_seeds))
+            splits = dict(zip(seeded, _seeds_from_fastest(seeded_tasks, seeded_ranked, tvm_target,
+                                                          search_space.split_seeds)))
+            # row seeds only when asked to re-rank: most lose, and one timed before every search would add a
+            # record per task to each run beyond its trials
+            rows = dict(zip(seeded, _seeds_from_fastest(seeded_tasks, seeded_ranked, tvm_target,
+                                                        search_space.row_seeds))) if remeasure else {}
             measure_schedules(no_floor, builder, runner, database, tvm_target, say)
             # a task with a fastest record here is timed side by side with it; the others in one batch
             unranked: list[tuple] = []
