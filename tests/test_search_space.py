@@ -313,7 +313,8 @@ def test_split_seeds_share_a_serial_squeeze_excitation_kernel_and_match_onnxrunt
     record = ms.database.TuningRecord(seeds[0], database.commit_workload(workload), [1e-6], target,
                                       ms.arg_info.ArgInfo.from_entry_func(workload, remove_preproc=True))
     database.commit_tuning_record(record)
-    assert tune._seeds_from_fastest([task], [[record]], target, search_space.split_seeds) == [[]]  # the fastest record is parallel: no seeds
+    # the fastest record is parallel: no seeds
+    assert tune._seeds_from_fastest([task], [[record]], target, search_space.split_seeds) == [[]]
 
     artifact = tvmnet.compile(model, output=tmp_path / "split", tuning_logs=tmp_path / "log")
     compiled = tvmnet.load(artifact)
@@ -325,8 +326,8 @@ def test_split_seeds_share_a_serial_squeeze_excitation_kernel_and_match_onnxrunt
 
 def test_row_seeds_widen_the_column_tile_to_a_whole_row_and_compute_the_same():
     """`row_seeds` folds the column loop's two outer tiles into the tile between the reductions (V1's
-    512->512 convolution at 14x14 ran 0.89x alone so, bench/README.md item 37) and changes nothing else; a
-    schedule already so gets none, and the seed computes what the convolution does."""
+    512->512 convolution at 14x14 ran 0.97x its fastest record so, bench/README.md item 38) and changes nothing
+    else; a schedule already so gets none, and the seed computes what the convolution does."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
@@ -339,7 +340,8 @@ def test_row_seeds_widen_the_column_tile_to_a_whole_row_and_compute_the_same():
                              task_name="row seeds").generate_design_space()
 
     def spatial_tiles(trace):
-        return [inst for inst in trace.insts if inst.kind.name == "SamplePerfectTile" and len(trace.decisions[inst]) == 4]
+        return [inst for inst in trace.insts
+                if inst.kind.name == "SamplePerfectTile" and len(trace.decisions[inst]) == 4]
 
     trace = next(design.trace for design in designs if len(spatial_tiles(design.trace)) == 4)
     for inst, factors in zip(spatial_tiles(trace), ([1, 1, 1, 1], [2, 7, 1, 1], [2, 1, 7, 1], [1, 2, 1, 8])):

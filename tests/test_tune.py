@@ -429,13 +429,14 @@ def test_remeasure_times_each_tasks_next_fastest_records_against_its_fastest(tun
     """``remeasure=2, trials=0`` on a log measured under other conditions (its times multiplied by 1000, as
     if measured on a far busier host): each task's 2nd fastest schedule, its row seed (where its fastest
     schedule has one) and, for the task that has one, its fastest schedule from another CPU are timed side
-    by side with its fastest record and stored beside the old records, on the log's scale (within 20x of the same schedule's earlier stored time, where times
-    stored as measured would be about 1000x below it); the fastest is not stored again; nothing is searched."""
+    by side with its fastest record and stored beside the old records, on the log's scale (within 20x of the
+    same schedule's earlier stored time, where times stored as measured would be about 1000x below it); the
+    fastest is not stored again; nothing is searched."""
     import json
     from collections import Counter
 
-    from tvmnet.targets import get_target
     from tvmnet import search_space
+    from tvmnet.targets import get_target
     from tvmnet.tune import RECORD_FILE, _shash, cpu_of
 
     target = get_target("x86").tvm_target()
