@@ -339,10 +339,7 @@ def test_row_seeds_widen_the_column_tile_to_a_whole_row_and_compute_the_same():
     designs = ms.TuneContext(mod=workload, target=target, space_generator=space,
                              task_name="row seeds").generate_design_space()
 
-    def spatial_tiles(trace):
-        return [inst for inst in trace.insts
-                if inst.kind.name == "SamplePerfectTile" and len(trace.decisions[inst]) == 4]
-
+    spatial_tiles = search_space.spatial_tiles
     trace = next(design.trace for design in designs if len(spatial_tiles(design.trace)) == 4)
     for inst, factors in zip(spatial_tiles(trace), ([1, 1, 1, 1], [2, 7, 1, 1], [2, 1, 7, 1], [1, 2, 1, 8])):
         trace = trace.with_decision(inst, factors, True)

@@ -313,6 +313,12 @@ def runs_serially(trace) -> bool:
     return not any(inst.kind.name == "Parallel" for inst in trace.insts)
 
 
+def spatial_tiles(trace) -> list:
+    """``trace``'s tile samples of spatial loops, in loop order: MultiLevelTiling splits each spatial loop into
+    4 tiles (the outermost shared with the epilogue and parallelized) and each reduction loop into 2."""
+    return [inst for inst in trace.insts if inst.kind.name == "SamplePerfectTile" and len(trace.decisions[inst]) == 4]
+
+
 def split_seeds(trace, workload: tvm.IRModule, target: tvm.target.Target) -> list:
     """Postprocessed variants of a serial schedule ``trace`` of ``workload`` that split one spatial loop's
     outermost tile :func:`threads_of` ways (the factor taken from the next tile level it divides), so that
@@ -324,19 +330,12 @@ def split_seeds(trace, workload: tvm.IRModule, target: tvm.target.Target) -> lis
     the feature map) that tile had extent 1 in every record the shipped logs held for the `emeraldrapids`
     Xeon, so they ran on one core. Split two ways, V3-Large's 240->960 one ran in 0.56x the time of its
     fastest record alone (bench/README.md item 35)."""
-    from tvm.s_tir import meta_schedule as ms
-
     threads = threads_of(target)
     if "cpu" not in target.keys or threads < 2 or not runs_serially(trace):
         return []
-    postprocs = ms.TuneContext(mod=workload, target=target, space_generator=space_for(workload, target),
-                               task_name="split seeds").space_generator.postprocs
+    postprocs = space_for(workload, target).postprocs
     seeds = []
-    for inst in trace.insts:
-        # MultiLevelTiling splits each spatial loop into 4 tiles (the outermost is shared with the epilogue and
-        # parallelized) and each reduction loop into 2
-        if inst.kind.name != "SamplePerfectTile" or len(trace.decisions[inst]) != 4:
-            continue
+    for inst in spatial_tiles(trace):
         factors = [int(f) for f in trace.decisions[inst]]
         level = next((level for level in (1, 2) if factors[level] % threads == 0), None)
         if level is None:
@@ -361,20 +360,16 @@ def row_seeds(trace, workload: tvm.IRModule, target: tvm.target.Target) -> list:
     hand-written timer), and V1 with it ran about 0.96x as long (bench/README.md items 37 and 38). The search
     had found 51 such schedules for the task, none faster than that record: it changes its tiles together,
     and a single change to the one it ranks first is rare."""
-    from tvm.s_tir import meta_schedule as ms
-
     if "cpu" not in target.keys:
         return []
-    tiles = [inst for inst in trace.insts if inst.kind.name == "SamplePerfectTile" and len(trace.decisions[inst]) == 4]
+    tiles = spatial_tiles(trace)
     if len(tiles) != 4:  # batch, rows, columns, output channels
         return []
     columns = [int(f) for f in trace.decisions[tiles[2]]]
     if columns[0] == columns[1] == 1:
         return []
     widened = [1, 1, math.prod(columns[:3]), columns[3]]
-    postprocs = ms.TuneContext(mod=workload, target=target, space_generator=space_for(workload, target),
-                               task_name="row seeds").space_generator.postprocs
-    sch = _postprocessed(trace.with_decision(tiles[2], widened, True), workload, postprocs)
+    sch = _postprocessed(trace.with_decision(tiles[2], widened, True), workload, space_for(workload, target).postprocs)
     return [sch.trace] if sch is not None else []
 
 
