@@ -492,6 +492,41 @@ def test_remeasure_stores_nothing_when_the_fastest_record_runs_far_slower_than_t
     assert (log / RECORD_FILE).read_text() == stored
 
 
+def test_remeasure_times_the_schedules_that_beat_the_fastest_record_again_before_storing_them(tuned, tmp_path):
+    """A log whose fastest record of each task is in truth the task's slowest schedule (its stored time set to
+    half the real fastest's): ``remeasure`` finds schedules that beat it, times those again beside it (the
+    winner of five rounds is partly luck), and stores each once, with a time under the record's."""
+    import json
+
+    from tvmnet.targets import get_target
+    from tvmnet.tune import RECORD_FILE
+
+    here = str(get_target("x86").tvm_target().attrs["mcpu"])
+    log = _copy_with_times_scaled(tuned[0].log_dir, tmp_path / "log")
+    entries = [json.loads(line) for line in (log / RECORD_FILE).read_text().splitlines()]
+    by_workload: dict[int, list] = {}
+    for entry in entries:
+        if entry[1][0][0] and entry[1][2].get("mcpu") == here:  # tuned (a trace), measured here
+            by_workload.setdefault(entry[0], []).append(entry)
+    fastest = {}  # workload -> (its real fastest trace, the time the slowest now claims)
+    for workload, tuned_here in by_workload.items():
+        tuned_here.sort(key=lambda entry: entry[1][1][0])
+        slowest, real = tuned_here[-1], tuned_here[0]
+        # four random candidates of a convolution span 2-7x in the log, 5-11x timed side by side
+        assert slowest[1][1][0] > 1.5 * real[1][1][0], ("the test needs a slow schedule to pose as the fastest", tuned_here)
+        slowest[1][1] = [real[1][1][0] / 2]
+        fastest[workload] = (json.dumps(real[1][0]), slowest[1][1][0])
+    (log / RECORD_FILE).write_text("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in entries))
+
+    lines: list[str] = []
+    tvmnet_tune(_model(), trials=0, tasks=TASKS, log_dir=log, remeasure=2, progress=lines.append, **SMALL)
+    assert sum("beat its fastest record; timing those again, 5 rounds" in line for line in lines) == 2, lines
+    added = [json.loads(line) for line in (log / RECORD_FILE).read_text().splitlines()[len(entries):]]
+    for workload, (trace, claimed) in fastest.items():
+        stored = [e[1][1][0] for e in added if e[0] == workload and json.dumps(e[1][0]) == trace]
+        assert len(stored) == 1 and stored[0] < claimed, (stored, claimed, lines)
+
+
 def test_recheck_stores_the_searchs_fastest_candidates_again_on_the_logs_scale(tuned, tmp_path):
     """``recheck=1`` on a log measured under other conditions (its times multiplied by 1000): after a short
     search, each task's fastest new candidate is timed side by side with the task's fastest earlier record and
