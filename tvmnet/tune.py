@@ -785,8 +785,8 @@ def measure_schedules(tasks: Sequence, builder, runner, database, tvm_target, sa
         if winners and rounds > 1:
             # the fastest of several schedules over a few rounds is partly luck (a 20-100 us kernel on a shared
             # host); timed again beside the record, a winner is stored with the second ratio, which chose nothing
-            say(f"{tasks[0].task_name}: {len(winners)} of them beat its fastest record; timing those again, "
-                f"{rounds} rounds")
+            say(f"{tasks[0].task_name}: {len(winners)} of them beat its fastest record (the best at "
+                f"{min(ratios.values()):.2f}x its time); timing those again, {rounds} rounds")
             again = median_times(winners + [reference], rounds)
             if reference in again:
                 if _too_busy(tasks[0], against, again[reference], what, say):
