@@ -514,7 +514,7 @@ def test_remeasure_times_the_schedules_that_beat_the_fastest_record_again_before
         tuned_here.sort(key=lambda entry: entry[1][1][0])
         slowest, real = tuned_here[-1], tuned_here[0]
         # four random candidates of a convolution span 2-7x in the log, 5-11x timed side by side
-        assert slowest[1][1][0] > 1.5 * real[1][1][0], ("the test needs a slow schedule to pose as the fastest", tuned_here)
+        assert slowest[1][1][0] > 1.5 * real[1][1][0], ("needs a slow schedule to pose as the fastest", tuned_here)
         slowest[1][1] = [real[1][1][0] / 2]
         fastest[workload] = (json.dumps(real[1][0]), slowest[1][1][0])
     (log / RECORD_FILE).write_text("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in entries))

@@ -708,7 +708,8 @@ def measure_schedules(tasks: Sequence, builder, runner, database, tvm_target, sa
     one measured on a quiet host; the ratio to a schedule run alongside it holds. The record itself is
     timed but not stored again. Schedules that beat it are timed beside it for ``rounds`` more rounds and
     stored with that second ratio: picked as winners by the first, they would be stored with its luck too
-    (remeasures found 5-20% "wins" that did not show in the model, bench/README.md item 39). Without ``against`` each time is stored as measured (median of rounds).
+    (remeasures found 5-20% "wins" that did not show in the model, bench/README.md item 39). Without
+    ``against`` each time is stored as measured (median of rounds).
     """
     if not tasks:
         return
