@@ -288,8 +288,7 @@ def test_split_seeds_share_a_serial_squeeze_excitation_kernel_and_match_onnxrunt
     space = search_space.space_for(workload, target)
     def with_outer_tiles_of_one(trace):
         """``trace`` with every spatial loop whole in its second tile level, postprocessed."""
-        for inst in [inst for inst in trace.insts
-                     if inst.kind.name == "SamplePerfectTile" and len(trace.decisions[inst]) == 4]:
+        for inst in search_space.spatial_tiles(trace):
             trace = trace.with_decision(inst, [1, math.prod(int(f) for f in trace.decisions[inst]), 1, 1], True)
         return search_space._postprocessed(trace, workload, space.postprocs)
 
@@ -304,8 +303,7 @@ def test_split_seeds_share_a_serial_squeeze_excitation_kernel_and_match_onnxrunt
     assert seeds, task.task_name
     for seed in seeds:
         assert not search_space.runs_serially(seed)
-        split = [[int(f) for f in seed.decisions[inst]] for inst in seed.insts
-                 if inst.kind.name == "SamplePerfectTile" and len(seed.decisions[inst]) == 4]
+        split = [[int(f) for f in seed.decisions[inst]] for inst in search_space.spatial_tiles(seed)]
         assert sorted(factors[0] for factors in split) == [1] * (len(split) - 1) + [threads], split
         assert search_space.split_seeds(seed, workload, target) == []
     (tmp_path / "log").mkdir()

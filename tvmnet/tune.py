@@ -755,7 +755,7 @@ def measure_schedules(tasks: Sequence, builder, runner, database, tvm_target, sa
 
     device = tvm.runtime.Device._DEVICE_TYPE_TO_NAME[tvm_target.get_target_device_type()]  # "cpu", "cuda", ...
 
-    def median_times(indices: list[int], rounds: int) -> dict[int, float]:
+    def median_times(indices: list[int]) -> dict[int, float]:
         """Each schedule's median over ``rounds`` rounds that run them all in turn; one that fails to run is
         reported and dropped from ``ready``."""
         times: dict[int, list[float]] = {i: [] for i in indices}
@@ -788,7 +788,7 @@ def measure_schedules(tasks: Sequence, builder, runner, database, tvm_target, sa
             # host); timed again beside the record, a winner is stored with the second ratio, which chose nothing
             say(f"{tasks[0].task_name}: {len(winners)} of them beat its fastest record (the best at "
                 f"{min(ratios.values()):.2f}x its time); timing those again, {rounds} rounds")
-            again = median_times(winners + [reference], rounds)
+            again = median_times(winners + [reference])
             if reference in again:
                 if _too_busy(tasks[0], against, again[reference], what, say):
                     return {}
@@ -799,7 +799,7 @@ def measure_schedules(tasks: Sequence, builder, runner, database, tvm_target, sa
                 "record")
         return {i: ratio * _record_seconds(against) for i, ratio in ratios.items()}
 
-    medians = median_times(list(ready), rounds)
+    medians = median_times(list(ready))
     if against is not None and reference not in medians:
         say(f"{tasks[0].task_name}: its fastest record did not run here; the schedules ({what}) are stored as measured")
     stored = side_by_side(medians) if against is not None and reference in medians else medians
