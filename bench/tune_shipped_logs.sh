@@ -63,8 +63,11 @@
 # Then (item 35) the split seeds of V3-Large's 11 and V3-Small's 14 convolutions on one pixel (tvmnet/search_space.py:
 # a serial fastest record with its outermost tile split across the threads), timed side by side with each task's
 # fastest record: `tvmnet tune MODEL --remeasure 1 --trials 0 --tasks ...`. A task is seeded once it has a record,
-# so from scratch the two `--remeasure 1 --trials 0` runs at the end of this script measure them.
+# so from scratch the `--remeasure 1 --trials 0` runs at the end of this script measure them.
 # Then (item 36) V1's first search on that CPU: 20 min, 511 trials over 10 of its 23 tasks.
+# On 2026-12-06 (item 40, back on the `rocketlake` Xeon) `--remeasure 1 --trials 0` for each of the five models
+# (26 min in all) timed that CPU's split and row seeds and other CPUs' fastest records there; the
+# `--remeasure 1` runs at the end of this script do the same from scratch.
 # Resumable: every measured record is kept, so stop it at any time and run it again; a larger budget
 # (first argument: a factor, default 1) adds trials where the time is (tvmnet's scheduler picks by
 # weight x latency, tasks with no trial first).
@@ -82,6 +85,9 @@ v1_losers=(fused_conv2d18_add9_relu91 fused_conv2d2_add1_relu11 fused_conv2d13_a
 tune mobilenet_v1 --trials $((1600 * factor)) --trials-per-iter 16 "${v1_losers[@]/#/--tasks=}"
 tune mobilenet_v3_large --trials $((3314 * factor)) --trials-per-iter 16
 tune mobilenet_v3_small --trials $((900 * factor)) --trials-per-iter 16
-tune mobilenet_v3_large --remeasure 1 --trials 0  # split seeds where the fastest record runs on one thread
-tune mobilenet_v3_small --remeasure 1 --trials 0
 tune mobilenet_v2 --alpha 0.5 --resolution 160 --trials $((600 * factor)) --trials-per-iter 16
+# Each task's split seed (its fastest record runs on one thread) and row seed, timed beside its fastest record.
+for model in mobilenet_v2 mobilenet_v1 mobilenet_v3_large mobilenet_v3_small; do
+  tune $model --remeasure 1 --trials 0
+done
+tune mobilenet_v2 --alpha 0.5 --resolution 160 --remeasure 1 --trials 0
