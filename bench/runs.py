@@ -9,6 +9,10 @@ range of their tuned tvmnet / onnxruntime ratios, and in how many of them the ra
 
     python bench/runs.py                                    # every CPU, issue 6's goals
     python bench/runs.py --cpu emeraldrapids --since 2026-12-05
+    python bench/runs.py --steady-host                      # only timings the host left its cores to
+
+``--steady-host`` leaves out each model's timing whose FMA peak samples (one per round) show another tenant on
+this VM's cores, compare.py's own "not clean" check, and timings from before compare.py sampled the peak.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import GOALS, TUNED, parse_goals  # noqa: E402 - one definition of the goals, in compare.py
+from compare import GOALS, TUNED, host_was_contended, parse_goals  # noqa: E402 - one definition, in compare.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -34,10 +38,12 @@ class Pool:
     runs: list[str] = field(default_factory=list)
 
 
-def read_runs(results: Path, cpu: str | None, since: str | None) -> tuple[dict[tuple[str, str], Pool], int]:
-    """The pooled ratios by (CPU, model), and how many runs used a log outside a repo's tuning_logs/."""
+def read_runs(results: Path, cpu: str | None, since: str | None,
+              steady_host: bool = False) -> tuple[dict[tuple[str, str], Pool], int, int]:
+    """The pooled ratios by (CPU, model), how many runs used a log outside a repo's tuning_logs/, and (with
+    ``steady_host``) how many model timings were left out for a contended or unsampled host."""
     pools: dict[tuple[str, str], Pool] = {}
-    scratch = 0
+    scratch = unsteady = 0
     runs = []
     for path in results.glob("*.json"):
         result = json.loads(path.read_text())
@@ -52,14 +58,19 @@ def read_runs(results: Path, cpu: str | None, since: str | None) -> tuple[dict[t
             continue
         for model in result["models"]:
             tuned = next((row for row in model["runtimes"] if row["runtime"] == TUNED), None)
-            if tuned is not None:
-                pool = pools.setdefault((run_cpu, model["model"]), Pool())
-                pool.ratios.append(tuned["ratio_to_onnxruntime"])
-                pool.runs.append(name)
-    return pools, scratch
+            if tuned is None:
+                continue
+            peaks = model.get("fma_peak_gflops_by_round")
+            if steady_host and (not peaks or host_was_contended(peaks)):
+                unsteady += 1
+                continue
+            pool = pools.setdefault((run_cpu, model["model"]), Pool())
+            pool.ratios.append(tuned["ratio_to_onnxruntime"])
+            pool.runs.append(name)
+    return pools, scratch, unsteady
 
 
-def markdown(pools: dict[tuple[str, str], Pool], goals: dict[str, float], scratch: int) -> str:
+def markdown(pools: dict[tuple[str, str], Pool], goals: dict[str, float], scratch: int, unsteady: int = 0) -> str:
     lines = ["| CPU (LLVM) | model | runs | median | range | goal | runs at or under it | last run |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for (cpu, model), pool in sorted(pools.items()):
@@ -69,7 +80,8 @@ def markdown(pools: dict[tuple[str, str], Pool], goals: dict[str, float], scratc
                      f"{min(pool.ratios):.2f}-{max(pool.ratios):.2f} | {'–' if goal is None else f'{goal:.2f}'} | "
                      f"{met} | {pool.runs[-1]} |")
     lines += ["", "Ratios: tuned tvmnet / onnxruntime, median over median within each run."
-              + (f" Left out: {scratch} run(s) on a log outside a repo's tuning_logs/." if scratch else "")]
+              + (f" Left out: {scratch} run(s) on a log outside a repo's tuning_logs/." if scratch else "")
+              + (f" Left out: {unsteady} model timing(s) on a contended or unsampled host." if unsteady else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -80,11 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--since", help="only runs at or after this UTC date (e.g. 2026-12-05)")
     parser.add_argument("--goal", action="append", metavar="MODEL=RATIO",
                         help=f"repeatable (default: issue 6's {' '.join(GOALS)})")
+    parser.add_argument("--steady-host", action="store_true",
+                        help="only model timings whose FMA peak samples show no other tenant on the cores")
     args = parser.parse_args(argv)
-    pools, scratch = read_runs(args.results_dir, args.cpu, args.since)
+    pools, scratch, unsteady = read_runs(args.results_dir, args.cpu, args.since, args.steady_host)
     if not pools:
         raise SystemExit(f"bench: no compare.py run in {args.results_dir} matches")
-    print(markdown(pools, parse_goals(args.goal or list(GOALS)), scratch), end="")
+    print(markdown(pools, parse_goals(args.goal or list(GOALS)), scratch, unsteady), end="")
     return 0
 
 

@@ -254,20 +254,25 @@ def test_thread_balance_probe_slices_compute_the_same_output(tiny_v2_artifact, t
 
 def test_runs_pools_compare_results_by_cpu_and_counts_goals(tmp_path, monkeypatch, capsys):
     """bench/runs.py pools every compare.py result by CPU: ratios of runs on a scratch log, and files that are not
-    compare.py's, must stay out, and the goal column counts the runs at or under it."""
+    compare.py's, must stay out, and the goal column counts the runs at or under it. With --steady-host, a timing
+    whose FMA peak samples show another tenant on the cores (or that has none) stays out too."""
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     import runs
 
-    def result(date: str, cpu: str, root: str, ratio: float) -> dict:
+    def result(date: str, cpu: str, root: str, ratio: float, peaks: list[float] | None) -> dict:
         tuned = {"runtime": "tvmnet-tuned", "ratio_to_onnxruntime": ratio}
-        return {"context": {"date_utc": date, "llvm_cpu": cpu},
-                "models": [{"model": "mobilenet_v2-1-224", "tuning": {"root": root}, "runtimes": [tuned]}]}
+        model = {"model": "mobilenet_v2-1-224", "tuning": {"root": root}, "runtimes": [tuned]}
+        if peaks is not None:
+            model["fma_peak_gflops_by_round"] = peaks
+        return {"context": {"date_utc": date, "llvm_cpu": cpu}, "models": [model]}
 
-    for name, date, cpu, root, ratio in [("a", "2026-12-01T01:00:00Z", "znver3", "/r/tuning_logs", 0.78),
-                                         ("b", "2026-12-02T01:00:00Z", "znver3", "/x/tuning_logs", 0.90),
-                                         ("c", "2026-12-03T01:00:00Z", "znver3", "/tmp/scratch", 0.50),
-                                         ("d", "2026-12-03T02:00:00Z", "znver5", "/r/tuning_logs", 1.10)]:
-        (tmp_path / f"{name}.json").write_text(json.dumps(result(date, cpu, root, ratio)))
+    steady, contended = [300.0, 290.0, 310.0], [300.0, 200.0, 310.0]
+    for name, date, cpu, root, ratio, peaks in [("a", "2026-12-01T01:00:00Z", "znver3", "/r/tuning_logs", 0.78, None),
+                                                ("b", "2026-12-02T01:00:00Z", "znver3", "/x/tuning_logs", 0.90, steady),
+                                                ("c", "2026-12-03T01:00:00Z", "znver3", "/tmp/scratch", 0.50, steady),
+                                                ("d", "2026-12-03T02:00:00Z", "znver5", "/r/tuning_logs", 1.10,
+                                                 contended)]:
+        (tmp_path / f"{name}.json").write_text(json.dumps(result(date, cpu, root, ratio, peaks)))
     (tmp_path / "breakdown-x.json").write_text(json.dumps({"rows": []}))
     assert runs.main(["--results-dir", str(tmp_path)]) == 0
     table = capsys.readouterr().out
@@ -276,5 +281,9 @@ def test_runs_pools_compare_results_by_cpu_and_counts_goals(tmp_path, monkeypatc
     assert "Left out: 1 run(s)" in table
     assert runs.main(["--results-dir", str(tmp_path), "--cpu", "znver3", "--since", "2026-12-02"]) == 0
     assert "| znver3 | mobilenet_v2-1-224 | 1 | 0.90 |" in capsys.readouterr().out
+    assert runs.main(["--results-dir", str(tmp_path), "--steady-host"]) == 0
+    table = capsys.readouterr().out
+    assert "| znver3 | mobilenet_v2-1-224 | 1 | 0.90 | 0.90-0.90 | 0.80 | 0 of 1 | b |" in table
+    assert "znver5" not in table and "Left out: 2 model timing(s) on a contended or unsampled host" in table
     with pytest.raises(SystemExit, match="no compare.py run"):
         runs.main(["--results-dir", str(tmp_path), "--cpu", "armv8"])
