@@ -68,6 +68,7 @@
 # On 2026-12-06 (item 40, back on the `rocketlake` Xeon) `--remeasure 1 --trials 0` for each of the five models
 # (26 min in all) timed that CPU's split and row seeds and other CPUs' fastest records there; the
 # `--remeasure 1` runs at the end of this script do the same from scratch.
+# Then V1's depthwise convolutions there (`--tasks` for the odd-numbered conv2d tasks): 429 trials (18 min).
 # Resumable: every measured record is kept, so stop it at any time and run it again; a larger budget
 # (first argument: a factor, default 1) adds trials where the time is (tvmnet's scheduler picks by
 # weight x latency, tasks with no trial first).
