@@ -563,6 +563,35 @@ def test_recheck_stores_the_searchs_fastest_candidates_again_on_the_logs_scale(t
         assert 50 < entry[1][1][0] / min(as_measured) < 20000, (as_measured, entry[1][1], lines)
 
 
+def test_undertuned_keeps_only_the_tasks_with_fewer_trials_on_this_cpu(tuned, tmp_path):
+    """``undertuned=N``: after ``remeasure`` on a new CPU, a search spent only on the tasks whose records came from
+    other CPUs (bench/README.md item 41)."""
+    import json
+    import shutil
+
+    from tvmnet.tune import RECORD_FILE
+
+    log = tmp_path / "log"
+    shutil.copytree(tuned[0].log_dir, log, ignore=shutil.ignore_patterns("logs", ".tune.lock"))
+    lines = (log / RECORD_FILE).read_text().splitlines()
+    entries = [json.loads(line) for line in lines]
+    emptied = next(entry[0] for entry in reversed(entries) if entry[1][0][0])
+    # every trial of one workload gone, its untuned floor kept: a task never searched on this CPU
+    kept = [line for line, entry in zip(lines, entries) if entry[0] != emptied or not entry[1][0][0]]
+    (log / RECORD_FILE).write_text("\n".join(kept) + "\n")
+
+    said: list[str] = []
+    result = tvmnet_tune(_model(), trials=0, tasks=TASKS, undertuned=1, log_dir=log, progress=said.append, **SMALL)
+    (task,) = result.tasks
+    assert task.trials == 0 and task.new_trials == 0, said
+    assert any("1 selected (fewer than 1 trials on" in line for line in said), said
+    assert (log / RECORD_FILE).read_text().splitlines() == kept, "trials=0: nothing measured"
+
+    (other,) = [name for name in TASKS if name != task.name]
+    none = tvmnet_tune(_model(), trials=0, tasks=[other], undertuned=1, log_dir=log, **SMALL)
+    assert none.tasks == []
+
+
 def test_search_leaves_out_the_schedules_the_log_holds(tmp_path):
     """MetaSchedule's search, seeded alike on one thread, proposes the same first batch twice; with that
     batch's traces as the log's records, tvmnet's strategy must leave every one of them out (the search alone

@@ -90,6 +90,9 @@ def compile_cmd(model: str | None, target: str, output: Path, input_shapes: tupl
 @click.option("--trials", type=int, help="Total measured trials over the selected tasks (records already in the log count).")
 @click.option("--trials-per-task", type=int, help="Cap on trials for each task.")
 @click.option("--tasks", "task_names", multiple=True, help="Tune only tasks whose name contains this (repeatable).")
+@click.option("--undertuned", type=click.IntRange(min=1), metavar="N",
+              help="Tune only tasks with fewer than N trials on this CPU: after --remeasure on a new CPU, those "
+                   "whose records all came from other CPUs.")
 @click.option("--log-dir", type=click.Path(path_type=Path), help="Database directory (default tuning_logs/<target>/<fingerprint>).")
 @click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True, help="Seconds for one measurement.")
 @click.option("--number", type=int, default=3, show_default=True)
@@ -116,17 +119,17 @@ def compile_cmd(model: str | None, target: str, output: Path, input_shapes: tupl
 @click.option("--rpc-key", help="Board key on the tracker (default: the target's rpc_key).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def tune_cmd(model: str | None, target: str, trials: int | None, trials_per_task: int | None,
-             task_names: tuple[str, ...], log_dir: Path | None, timeout_s: float, number: int, repeat: int,
-             min_repeat_ms: int, early_stopping: int | None, trials_per_iter: int, seed: int, remeasure: int,
-             recheck: int, alpha: float,
-             resolution: int, input_shapes: tuple[str, ...], rpc_tracker: str | None, rpc_key: str | None, as_json: bool) -> None:
+             task_names: tuple[str, ...], undertuned: int | None, log_dir: Path | None, timeout_s: float,
+             number: int, repeat: int, min_repeat_ms: int, early_stopping: int | None, trials_per_iter: int,
+             seed: int, remeasure: int, recheck: int, alpha: float, resolution: int, input_shapes: tuple[str, ...],
+             rpc_tracker: str | None, rpc_key: str | None, as_json: bool) -> None:
     """Tune MODEL's kernels for TARGET with MetaSchedule; Ctrl-C keeps every measured record, rerun resumes."""
     from .frontend import parse_input_shapes
     from .tune import tune
 
     result = tune(model, target=target, trials=trials, trials_per_task=trials_per_task,
-                  tasks=list(task_names) or None, log_dir=log_dir, timeout_s=timeout_s, number=number,
-                  repeat=repeat, min_repeat_ms=min_repeat_ms, early_stopping=early_stopping,
+                  tasks=list(task_names) or None, undertuned=undertuned, log_dir=log_dir, timeout_s=timeout_s,
+                  number=number, repeat=repeat, min_repeat_ms=min_repeat_ms, early_stopping=early_stopping,
                   num_trials_per_iter=trials_per_iter, seed=seed, remeasure=remeasure, recheck=recheck,
                   alpha=alpha, resolution=resolution, input_shapes=parse_input_shapes(input_shapes),
                   rpc_tracker=rpc_tracker, rpc_key=rpc_key, progress=lambda msg: _stderr(f"[tvmnet] {msg}"))

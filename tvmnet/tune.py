@@ -1079,6 +1079,7 @@ def tune(
     trials: int | None = None,
     trials_per_task: int | None = None,
     tasks: Sequence[str] | None = None,
+    undertuned: int | None = None,
     log_dir: str | os.PathLike | None = None,
     timeout_s: float = 60.0,
     number: int = 3,
@@ -1103,7 +1104,10 @@ def tune(
 
     ``trials`` is the total budget over the selected tasks, counting records already in ``log_dir``
     (default: 64 per task); ``trials_per_task`` caps each task. ``tasks`` selects tasks by exact name or
-    substring. ``timeout_s`` bounds one measurement, ``builder_timeout_s`` one candidate build.
+    substring; ``undertuned=N`` keeps of those the tasks with fewer than N trials measured on this CPU (after
+    ``remeasure`` on a new CPU, the tasks whose records all came from other CPUs: where a search paid most on
+    the Intel Xeons, bench/README.md items 40-41). ``timeout_s`` bounds one measurement,
+    ``builder_timeout_s`` one candidate build.
     ``early_stopping=N`` stops a task after N trials without improvement.
 
     ``remeasure=K`` first times each selected task's 2nd to Kth fastest records of this CPU again, side by
@@ -1154,6 +1158,8 @@ def tune(
         selected = _as_stored(selected, database)
         cpu = cpu_of(tvm_target)  # records of other CPUs neither count as trials nor set the floor here
         before = database_stats(database, selected, cpu)
+        if undertuned is not None:
+            selected = [t for t in selected if before[_shash(t.dispatched[0])][0] < undertuned]
         hashes = [_shash(t.dispatched[0]) for t in selected]
         existing = [before[h][0] for h in hashes]
         budget_total = trials if trials is not None else 64 * len(selected)
@@ -1164,8 +1170,9 @@ def tune(
         to_tune = [i for i, left in enumerate(per_task_left) if left > 0]
         remaining = min(remaining, sum(per_task_left[i] for i in to_tune))
         runner_name = "local" if rpc_tracker is None else f"rpc:{rpc_tracker}"
-        say(f"{len(all_tasks)} tasks in {name}, {len(selected)} selected; {sum(existing)} trials on {cpu} already "
-            f"in {log_dir}; {remaining} to run")
+        fewer = f" (fewer than {undertuned} trials on {cpu})" if undertuned is not None else ""
+        say(f"{len(all_tasks)} tasks in {name}, {len(selected)} selected{fewer}; {sum(existing)} trials on {cpu} "
+            f"already in {log_dir}; {remaining} to run")
 
         new = [0] * len(selected)
         tuning = remaining > 0 and bool(to_tune)
@@ -1175,7 +1182,7 @@ def tune(
         port_to = range(len(selected)) if remeasure else to_tune if tuning else []
         elsewhere = dict(zip(port_to, fastest_elsewhere(database, [selected[i] for i in port_to], cpu)))
         seeded = range(len(selected)) if remeasure else to_tune if tuning else []
-        if tuning or no_floor or remeasure:
+        if selected and (tuning or no_floor or remeasure):
             builder = make_builder(spec, builder_timeout_s,
                                     builder_workers or max(1, min(2, (os.cpu_count() or 1))))
             runner, runner_name = make_runner(spec, rpc_tracker=rpc_tracker, rpc_key=rpc_key, timeout_s=timeout_s,
