@@ -93,6 +93,8 @@ def test_default_model_is_mobilenet_v2(tmp_path):
         (["run", "nowhere"], 5, "not a tvmnet artifact"),
         (["compile", "mobilenet_v2", "--input-shape", "input=1,3", "-o", "x"], 3, "bad --input-shape"),
         (["zoo", "export", "mobilenet_v9", "-o", "m.onnx"], 2, "mobilenet_v9"),
+        (["tune", "mobilenet_v2", "--undertuned", "0"], 2, "--undertuned"),
+        (["nonesuch"], 2, "No such command 'nonesuch'"),
     ],
 )
 def test_errors_are_one_line_with_exit_code(tmp_path, args, code, message):

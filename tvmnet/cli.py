@@ -1,7 +1,7 @@
 """The ``tvmnet`` command: a thin click layer over the Python API.
 
-User errors (``TvmnetError``) print one line on stderr and exit with the error's code; anything
-else is a bug, still one line unless ``--verbose`` asks for the traceback.
+User errors (``TvmnetError``, and click's usage errors after the command name) print one line on stderr
+and exit with the error's code; anything else is a bug, still one line unless ``--verbose`` asks for the traceback.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ class _Group(click.Group):
             if ctx.obj and ctx.obj.get("verbose"):
                 traceback.print_exc()
             _stderr(f"tvmnet: error: {exc}")
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:  # a bad option or argument: one line too, pointing at the help
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            _stderr(f"tvmnet: error: {exc.format_message()}{where}")
             sys.exit(exc.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
