@@ -91,14 +91,17 @@ def compile_cmd(model: str | None, target: str, output: Path, input_shapes: tupl
 @main.command("tune")
 @click.argument("model", required=False)
 @click.option("--target", "-t", default="x86", show_default=True, help="Target name, alias, or .toml path.")
-@click.option("--trials", type=int, help="Total measured trials over the selected tasks (records already in the log count).")
+@click.option("--trials", type=int,
+              help="Total measured trials over the selected tasks (records already in the log count).")
 @click.option("--trials-per-task", type=int, help="Cap on trials for each task.")
 @click.option("--tasks", "task_names", multiple=True, help="Tune only tasks whose name contains this (repeatable).")
 @click.option("--undertuned", type=click.IntRange(min=1), metavar="N",
               help="Tune only tasks with fewer than N trials on this CPU: after --remeasure on a new CPU, those "
                    "whose records all came from other CPUs.")
-@click.option("--log-dir", type=click.Path(path_type=Path), help="Database directory (default tuning_logs/<target>/<fingerprint>).")
-@click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True, help="Seconds for one measurement.")
+@click.option("--log-dir", type=click.Path(path_type=Path),
+              help="Database directory (default tuning_logs/<target>/<fingerprint>).")
+@click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True,
+              help="Seconds for one measurement.")
 @click.option("--number", type=int, default=3, show_default=True)
 @click.option("--repeat", type=int, default=1, show_default=True)
 @click.option("--min-repeat-ms", type=int, default=100, show_default=True)
@@ -226,7 +229,8 @@ def run_cmd(artifact: Path, image: Path | None, input_file: Path | None, top: in
 
 @main.command("verify")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--model", type=click.Path(path_type=Path), help="ONNX model to compare with (default: the artifact's copy).")
+@click.option("--model", type=click.Path(path_type=Path),
+              help="ONNX model to compare with (default: the artifact's copy).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--rtol", default=1e-4, show_default=True)
 @click.option("--atol", default=1e-4, show_default=True)
@@ -319,7 +323,8 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
     if "target" in info:
         target = info["target"]
         click.echo(f"name:      {info.get('name')}")
-        click.echo(f"target:    {target['name']} ({target['arch']}, {target['device']}, verified: {target['verified']})")
+        click.echo(f"target:    {target['name']} ({target['arch']}, {target['device']}, "
+                   f"verified: {target['verified']})")
         click.echo(f"tvm:       {info.get('tvm_version')}  target {target['tvm']}")
         for spec in info["inputs"]:
             click.echo(f"input:     {spec['name']} {spec['dtype']}{spec['shape']}")

@@ -208,7 +208,8 @@ def _open_checked_database(path: Path, *, repair: bool, warn: Progress | None):
     if not bad:  # TVM failed although every line checks out on its own: nothing we can skip
         raise TvmnetError(f"tuning database {path} cannot be loaded; move it aside and tune again")
     for name, numbers in bad.items():
-        shown = ", ".join(str(n) for n in numbers[:10]) + (f" and {len(numbers) - 10} more" if len(numbers) > 10 else "")
+        more = f" and {len(numbers) - 10} more" if len(numbers) > 10 else ""
+        shown = ", ".join(str(n) for n in numbers[:10]) + more
         (warn or _warn)(f"warning: {path / name}: skipped {len(numbers)} damaged line(s): line {shown}")
     if repair:
         for name, lines in ((WORKLOAD_FILE, workloads), (RECORD_FILE, records)):
