@@ -71,6 +71,7 @@
 # Then V1's depthwise convolutions there (`--tasks` for the odd-numbered conv2d tasks): 429 trials (18 min).
 # Then (item 41) the tasks of V3-Large (14) and V3-Small (12) with 2-3 trials there, their records ported from
 # other CPUs (the heaviest of what `--undertuned 4` selects): 565 trials (21 min) and 431 (14 min).
+# Then V2-0.5-160 with `--undertuned 4 --trials 460` (22 tasks): 399 trials (11 min).
 # Resumable: every measured record is kept, so stop it at any time and run it again; a larger budget
 # (first argument: a factor, default 1) adds trials where the time is (tvmnet's scheduler picks by
 # weight x latency, tasks with no trial first).
