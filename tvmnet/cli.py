@@ -1,7 +1,7 @@
 """The ``tvmnet`` command: a thin click layer over the Python API.
 
-User errors (``TvmnetError``, and click's usage errors after the command name) print one line on stderr
-and exit with the error's code; anything else is a bug, still one line unless ``--verbose`` asks for the traceback.
+User errors (``TvmnetError``, and click's usage errors) print one line on stderr and exit with the error's
+code; anything else is a bug, still one line unless ``--verbose`` asks for the traceback.
 """
 
 from __future__ import annotations
@@ -25,8 +25,28 @@ def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
+# click >= 8.2 raises this usage error for a group given no command; it stays click's help page
+_NO_COMMAND = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def _exit_on_usage_error(exc: click.UsageError) -> None:
+    """A bad option or argument: one line like every other user error, pointing at the command's help."""
+    if isinstance(exc, _NO_COMMAND):
+        raise exc
+    where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+    _stderr(f"tvmnet: error: {exc.format_message()}{where}")
+    sys.exit(exc.exit_code)
+
+
 class _Group(click.Group):
     """Turns exceptions into one-line errors with meaningful exit codes."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:  # the group's own options (`tvmnet --bogus`); a command's are parsed inside invoke
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            _exit_on_usage_error(exc)
+            raise  # not reached unless click shows its help page instead
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -36,10 +56,8 @@ class _Group(click.Group):
                 traceback.print_exc()
             _stderr(f"tvmnet: error: {exc}")
             sys.exit(exc.exit_code)
-        except click.UsageError as exc:  # a bad option or argument: one line too, pointing at the help
-            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
-            _stderr(f"tvmnet: error: {exc.format_message()}{where}")
-            sys.exit(exc.exit_code)
+        except click.UsageError as exc:  # a command's options and arguments, an unknown command
+            _exit_on_usage_error(exc)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
         except KeyboardInterrupt:
