@@ -143,6 +143,41 @@ def test_cpu_convolutions_are_nhwc_with_no_transposes_inside(family):
     assert all("layout_free_buffers" in f.attrs for f in convs)
 
 
+@pytest.mark.parametrize("family", ["mobilenet_v1", "mobilenet_v2"])
+def test_cpu_tensors_of_28_rows_or_more_sit_in_the_middle_of_their_storage(family):
+    """Two threads each write half the rows of such a tensor, so half its bytes; centred in the storage the
+    planner reuses, every tensor keeps the boundary between the threads' bytes at one place
+    (pipeline.centre_row_bands). Smaller maps stay at the start. The kernels that receive a centred tensor
+    take it at that offset: test_zoo_family_matches_onnxruntime runs them against onnxruntime."""
+    import tvm
+    from tvm import relax
+
+    from tvmnet import pipeline
+    from tvmnet.frontend import load_onnx
+    from tvmnet.targets import get_target
+
+    target = get_target("x86").tvm_target()
+    fused = pipeline.fuse(load_onnx(zoo.build_model(family, alpha=0.25, resolution=96)).to_relax(), target)
+    lowered = pipeline.lower(pipeline.schedule(fused, target)[0], target)
+    storages, centred, at_start = [], 0, 0
+    for block in lowered["main"].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.vm.alloc_storage"):
+                storages.append((binding.var, int(value.args[0].values[0])))
+            elif isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.vm.alloc_tensor"):
+                storage_bytes = next(size for var, size in storages if var.same_as(value.args[0]))
+                offset, dims = int(value.args[1].value), [int(d) for d in value.args[2].values]
+                nbytes = int(np.prod(dims)) * np.dtype(str(value.args[3].value)).itemsize
+                if len(dims) == 4 and dims[1] >= 28:
+                    assert offset % 64 == 0 and abs(offset + nbytes / 2 - storage_bytes / 2) < 64, (dims, offset)
+                    centred += offset > 0
+                else:
+                    assert offset == 0, (dims, offset)
+                    at_start += 1
+    assert centred and at_start
+
+
 def test_graph_convert_layout_cannot_handle_still_compiles(tmp_path):
     """ONNX Max of two tensors imports as stack + max over a 5-D tensor, which Relax's ConvertLayout
     rejects; the pipeline then keeps the model's NCHW layout, and the result still matches onnxruntime."""
@@ -159,3 +194,53 @@ def test_graph_convert_layout_cannot_handle_still_compiles(tmp_path):
     graph = helper.make_graph(nodes, "max_of_convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])], inits)
     compile_and_compare(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "a")
+
+
+def _planned_module(return_the_centred_tensor: bool):
+    """A memory-planned module whose storage holds a 56-row tensor and then a 28-row one (NHWC), the second
+    handed to a kernel, then returned as it is or not."""
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+    from tvm.script import tirx as T
+
+    @I.ir_module
+    class Planned:
+        @T.prim_func
+        def fill56(x: T.Buffer((1, 56, 4, 8), "float32"), y: T.Buffer((1, 56, 4, 8), "float32")):
+            for n, h, w, c in T.grid(1, 56, 4, 8):
+                y[n, h, w, c] = x[n, h, w, c]
+
+        @T.prim_func
+        def fill28(x: T.Buffer((1, 28, 4, 8), "float32"), y: T.Buffer((1, 28, 4, 8), "float32")):
+            for n, h, w, c in T.grid(1, 28, 4, 8):
+                y[n, h, w, c] = x[n, h, w, c]
+
+        @R.function(pure=False)
+        def main(x56: R.Tensor((1, 56, 4, 8), "float32"), x28: R.Tensor((1, 28, 4, 8), "float32")):
+            cls = Planned
+            storage = R.memory.alloc_storage(R.shape([7168]), 0, "global", "float32")
+            t56 = R.memory.alloc_tensor(storage, 0, R.shape([1, 56, 4, 8]), "float32", 0)
+            cls.fill56(x56, t56)
+            t28 = R.memory.alloc_tensor(storage, 0, R.shape([1, 28, 4, 8]), "float32", 0)
+            cls.fill28(x28, t28)
+            return t28 if return_the_centred_tensor else t56
+
+    return Planned
+
+
+def test_centring_moves_a_smaller_tensor_of_28_rows_and_lets_its_kernel_take_the_offset():
+    from tvmnet import pipeline
+
+    centred = pipeline.centre_row_bands(_planned_module(return_the_centred_tensor=False))
+    script = centred["main"].script()
+    assert "R.memory.alloc_tensor(storage, 1792, R.shape([1, 28, 4, 8])" in script, script
+    assert "R.memory.alloc_tensor(storage, 0, R.shape([1, 56, 4, 8])" in script, script
+    assert "offset_factor=16" in centred["fill28"].script() and "offset_factor" not in centred["fill56"].script()
+
+
+def test_a_centred_tensor_used_other_than_by_a_kernel_leaves_the_plan_as_it_was():
+    """A VM builtin (a reshape's view, or the caller) would see the offset: then nothing moves."""
+    from tvmnet import pipeline
+
+    planned = _planned_module(return_the_centred_tensor=True)
+    assert pipeline.centre_row_bands(planned).same_as(planned)

@@ -23,6 +23,7 @@ from tvm import relax
 
 from .manifest import TVM_ALIGNMENT
 from .prefetch import prefetch_weights
+from .search_space import MIN_SPLIT_ROWS
 
 GPU_DEVICES = ("cuda", "opencl")
 
@@ -187,14 +188,117 @@ def fused_name(kernel: str) -> str:
     return kernel.removesuffix(PREPACKED_SUFFIX)
 
 
+def _static_dims(shape: relax.Expr) -> list[int] | None:
+    """The dimensions of a ShapeExpr whose dimensions are all constants, else None."""
+    if not isinstance(shape, relax.ShapeExpr) or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
+        return None
+    return [int(d) for d in shape.values]
+
+
+@relax.expr_functor.mutator
+class _CentreRowBands(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.mod = mod
+        self.alloc_storage = tvm.ir.Op.get("relax.memory.alloc_storage")
+        self.alloc_tensor = tvm.ir.Op.get("relax.memory.alloc_tensor")
+        self.storage_bytes: dict[relax.Var, int] = {}
+        self.offset_tensors: list[relax.Var] = []  # variables bound to a tensor moved off its storage's start
+        self.offset_params: dict[str, set[int]] = {}  # kernel -> positions that receive such a tensor
+        self.uses_seen = 0  # uses of those variables: as a kernel's argument or a new name
+        self.moved = False
+
+    def transform(self) -> tvm.IRModule:
+        for gv, func in self.mod.functions.items():
+            if isinstance(func, relax.Function):
+                self.builder_.update_func(gv, self.visit_expr(func))
+        return self.builder_.get()
+
+    def _is_offset(self, expr: relax.Expr) -> bool:
+        return isinstance(expr, relax.Var) and any(expr.same_as(var) for var in self.offset_tensors)
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        value = binding.value
+        if isinstance(value, relax.Call) and value.op == self.alloc_storage:
+            if (dims := _static_dims(value.args[0])) is not None:
+                self.storage_bytes[binding.var] = math.prod(dims)
+        self.moved = False
+        super().visit_var_binding_(binding)
+        if self.moved or self._is_offset(value):  # the tensor itself, or a name the VM code gives it
+            self.uses_seen += not self.moved
+            self.offset_tensors.append(binding.var)
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = self.visit_expr_post_order(call)
+        if isinstance(call.op, relax.GlobalVar):
+            for position, arg in enumerate(call.args):
+                if self._is_offset(arg):
+                    self.offset_params.setdefault(call.op.name_hint, set()).add(position)
+                    self.uses_seen += 1
+        if call.op != self.alloc_tensor or call.args[0] not in self.storage_bytes:
+            return call
+        storage, offset, shape, dtype, device = call.args
+        dims = _static_dims(shape)
+        if (dims is None or len(dims) != 4 or dims[1] < MIN_SPLIT_ROWS or not isinstance(offset, tvm.tirx.IntImm)
+                or int(offset.value) != 0):
+            return call
+        nbytes = math.prod(dims) * tvm.runtime.DataType(dtype.value).itemsize
+        centred = (self.storage_bytes[storage] - nbytes) // 2 // TVM_ALIGNMENT * TVM_ALIGNMENT
+        if not centred:
+            return call
+        self.moved = True
+        return relax.Call(call.op, [storage, relax.prim_value(tvm.tirx.IntImm("int64", centred)), shape, dtype, device],
+                          call.attrs, call.ty_args)
+
+
+def centre_row_bands(mod: tvm.IRModule) -> tvm.IRModule:
+    """After ``StaticPlanBlockMemory``: place each planned NHWC tensor of :data:`MIN_SPLIT_ROWS` rows or more
+    with its middle at its storage's middle, and let the kernels that take one accept it at that offset.
+
+    On such maps each of two threads writes one half of the rows, so one half of the tensor's bytes
+    (:class:`search_space.SplitRows`). The planner puts tensors of different sizes in one storage at its
+    start, so the boundary between the threads' bytes moved from layer to layer, and a core wrote lines the
+    other core held: V1's 28x28 depthwise convolution took 82 µs in model order writing the storage a
+    28x28x128 and a 56x56x128 tensor had used, 43 µs writing a buffer of its own. Centred, the boundary stays
+    at the storage's middle, and the storage stays the one the planner chose, still in cache; smaller maps
+    split columns or channels, and stay at the start (bench/README.md item 42).
+
+    TVM's kernels take tensors at offset 0 only; the ones that receive a centred tensor take it at any
+    multiple of 64 bytes instead. Only those: a 14x14 kernel whose input could move slowed down 2.2x. A
+    centred tensor used any other way (a VM builtin's view of it would keep the offset) leaves ``mod`` as
+    the planner made it."""
+    centring = _CentreRowBands(mod)
+    centred = centring.transform()
+    uses = [0]
+
+    def count(expr: relax.Expr) -> None:
+        uses[0] += centring._is_offset(expr)
+
+    for func in centred.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, count)
+    if uses[0] != centring.uses_seen:
+        return mod
+    mod = centred
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint in centring.offset_params:
+            for position in sorted(centring.offset_params[gv.name_hint]):
+                func = _with_param_buffer(func, position, any_offset=True) or func
+            mod.update_func(gv, func)
+    return mod
+
+
 def lower(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Leave dataflow form and plan memory: what the VM code generator takes."""
-    passes = [
+    """Leave dataflow form and plan memory (on CPUs, with :func:`centre_row_bands`): what the VM code
+    generator takes."""
+    planning = [
         relax.transform.RewriteDataflowReshape(),
         relax.transform.ToNonDataflow(),
         relax.transform.RemovePurityChecking(),
         relax.transform.CallTIRRewrite(),
         relax.transform.StaticPlanBlockMemory(),
+    ]
+    lowering = [
         *([relax.transform.RewriteCUDAGraph()] if target.kind.name == "cuda" else []),
         relax.transform.LowerAllocTensor(),
         relax.transform.KillAfterLastUse(),
@@ -204,7 +308,10 @@ def lower(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         relax.transform.AttachGlobalSymbol(),
     ]
     with target:
-        return tvm.transform.Sequential(passes)(mod)
+        mod = tvm.transform.Sequential(planning)(mod)
+        if not _is_gpu(target):
+            mod = centre_row_bands(mod)
+        return tvm.transform.Sequential(lowering)(mod)
 
 
 INPUT_CHECKS = ("vm.builtin.check_tensor_info", "vm.builtin.match_shape")
@@ -238,10 +345,12 @@ def _input_uses(mod: tvm.IRModule) -> dict[int, list[tuple[relax.GlobalVar, int]
     return kernels if seen == accounted else None
 
 
-def _with_param_alignment(func: tvm.tirx.PrimFunc, index: int, alignment: int) -> tvm.tirx.PrimFunc | None:
-    """``func`` with parameter ``index``'s buffer declared ``alignment``-byte aligned (None if that
-    parameter is not a buffer). TVM's API cannot re-type a buffer variable (``specialize`` refuses another
-    alignment), so this edits the serialized IR, where the parameter and every use of it share one type node."""
+def _with_param_buffer(func: tvm.tirx.PrimFunc, index: int, *, alignment: int | None = None,
+                       any_offset: bool = False) -> tvm.tirx.PrimFunc | None:
+    """``func`` with parameter ``index``'s buffer declared ``alignment``-byte aligned, or (``any_offset``)
+    taking the tensor at a byte offset, a multiple of 64 (None if that parameter is not a buffer). TVM's
+    API cannot re-type a buffer variable (``specialize`` refuses another alignment), so this edits the
+    serialized IR, where the parameter and every use of it share one type node."""
     graph = json.loads(tvm.ir.save_json(func))
     nodes = graph["nodes"]
     params = nodes[nodes[graph["root_index"]]["data"]["params"]]["data"]
@@ -250,7 +359,15 @@ def _with_param_alignment(func: tvm.tirx.PrimFunc, index: int, alignment: int) -
     buffer_type = nodes[nodes[params[index]]["data"]["ty"]]
     if buffer_type["type"] != "tirx.BufferType":
         return None
-    buffer_type["data"]["data_alignment"] = alignment
+    if alignment is not None:
+        buffer_type["data"]["data_alignment"] = alignment
+    offset = nodes[buffer_type["data"]["elem_offset"]]
+    if any_offset and offset["type"] == "ir.IntImm":  # a constant 0: make it a variable the call binds
+        itemsize = tvm.runtime.DataType(nodes[buffer_type["data"]["dtype"]]["data"]["dtype"]).itemsize
+        nodes.append({"type": "ffi.String", "data": "elem_offset"})
+        nodes.append({"type": "ir.Var", "data": {"span": 0, "ty": offset["data"]["ty"], "name": len(nodes) - 1}})
+        buffer_type["data"]["elem_offset"] = len(nodes) - 1
+        buffer_type["data"]["offset_factor"] = max(1, TVM_ALIGNMENT // itemsize)
     return tvm.ir.load_json(json.dumps(graph))
 
 
@@ -274,7 +391,7 @@ def accept_unaligned_inputs(mod: tvm.IRModule, target: tvm.target.Target) -> tup
     relaxed: dict[relax.GlobalVar, tvm.tirx.PrimFunc] = {}
     for i, kernels in uses.items():
         for gv, index in kernels:
-            func = _with_param_alignment(relaxed.get(gv, mod[gv]), index, itemsizes[i])
+            func = _with_param_buffer(relaxed.get(gv, mod[gv]), index, alignment=itemsizes[i])
             if func is None:
                 return mod, TVM_ALIGNMENT
             relaxed[gv] = func
