@@ -252,8 +252,9 @@ class _CentreRowBands(relax.PyExprMutator):
 
 
 def centre_row_bands(mod: tvm.IRModule) -> tvm.IRModule:
-    """After ``StaticPlanBlockMemory``: place each planned NHWC tensor of :data:`MIN_SPLIT_ROWS` rows or more
-    with its middle at its storage's middle, and let the kernels that take one accept it at that offset.
+    """After ``StaticPlanBlockMemory``: place each planned 4-D tensor of :data:`MIN_SPLIT_ROWS` rows or more
+    (its second dimension: rows in the NHWC layout of the CPU pipeline) with its middle at its storage's
+    middle, and let the kernels that take one accept it at that offset.
 
     On such maps each of two threads writes one half of the rows, so one half of the tensor's bytes
     (:class:`search_space.SplitRows`). The planner puts tensors of different sizes in one storage at its
