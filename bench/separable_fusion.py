@@ -42,6 +42,7 @@ from tvm import te
 from tvm.s_tir import Schedule
 
 import tvmnet
+from tvmnet import pipeline
 from tvmnet.targets import get_target
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -289,6 +290,8 @@ def probe(calls: list, pair: int, rounds: int, tile: list[int] | None, trials: i
     weights = [(rng.standard_normal(shape) * 0.1).astype("float32")
                for shape in fusion.weight_shapes(channels, outputs)]
     func = fusion.define(height, width, channels, outputs, stride)
+    for position in (0, len(func.params) - 1):  # the VM's tensors may sit off their storage's start
+        func = pipeline._with_param_buffer(func, position, any_offset=True)
     if trials:
         mod = search(fusion, func, trials)
     else:
