@@ -291,7 +291,7 @@ def probe(calls: list, pair: int, rounds: int, tile: list[int] | None, trials: i
                for shape in fusion.weight_shapes(channels, outputs)]
     func = fusion.define(height, width, channels, outputs, stride)
     for position in (0, len(func.params) - 1):  # the VM's tensors may sit off their storage's start
-        func = pipeline._with_param_buffer(func, position, any_offset=True)
+        func = pipeline.with_param_buffer(func, position, any_offset=True)
     if trials:
         mod = search(fusion, func, trials)
     else:

@@ -56,18 +56,19 @@ def conv_layout(target: tvm.target.Target) -> tuple[str, bool]:
     return ("NCHW", False) if _is_gpu(target) else ("NHWC", True)
 
 
+def _rewrite_relax_functions(mutator: relax.PyExprMutator, mod: tvm.IRModule) -> tvm.IRModule:
+    """``mod`` with each Relax function replaced by ``mutator``'s rewrite of it (its builder holds ``mod``)."""
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
 @relax.expr_functor.mutator
 class _ClipAsMaxMin(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule) -> None:
         super().__init__(mod)
-        self.mod = mod
         self.clip = tvm.ir.Op.get("relax.clip")
-
-    def transform(self) -> tvm.IRModule:
-        for gv, func in self.mod.functions.items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
@@ -94,7 +95,7 @@ def clip_as_max_min(mod: tvm.IRModule) -> tvm.IRModule:
     also keeps MobileNetV3's HardSwish out of its convolution's fused kernel. The order is ONNX's and
     onnxruntime's: crossed bounds (lower > upper) give the upper one, where topi's clip would give the
     lower."""
-    return _ClipAsMaxMin(mod).transform()
+    return _rewrite_relax_functions(_ClipAsMaxMin(mod), mod)
 
 
 def fuse(mod: tvm.IRModule, target: tvm.target.Target, *, layout: str | None = None,
@@ -199,7 +200,6 @@ def _static_dims(shape: relax.Expr) -> list[int] | None:
 class _CentreRowBands(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule) -> None:
         super().__init__(mod)
-        self.mod = mod
         self.alloc_storage = tvm.ir.Op.get("relax.memory.alloc_storage")
         self.alloc_tensor = tvm.ir.Op.get("relax.memory.alloc_tensor")
         self.storage_bytes: dict[relax.Var, int] = {}
@@ -208,14 +208,21 @@ class _CentreRowBands(relax.PyExprMutator):
         self.uses_seen = 0  # uses of those variables: as a kernel's argument or a new name
         self.moved = False
 
-    def transform(self) -> tvm.IRModule:
-        for gv, func in self.mod.functions.items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
-
     def _is_offset(self, expr: relax.Expr) -> bool:
         return isinstance(expr, relax.Var) and any(expr.same_as(var) for var in self.offset_tensors)
+
+    def uses_in(self, mod: tvm.IRModule) -> int:
+        """How often ``mod``'s Relax functions refer to a moved tensor: :attr:`uses_seen` if all are accounted."""
+        uses = 0
+
+        def count(expr: relax.Expr) -> None:
+            nonlocal uses
+            uses += self._is_offset(expr)
+
+        for func in mod.functions.values():
+            if isinstance(func, relax.Function):
+                relax.analysis.post_order_visit(func.body, count)
+        return uses
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         value = binding.value
@@ -269,22 +276,14 @@ def centre_row_bands(mod: tvm.IRModule) -> tvm.IRModule:
     centred tensor used any other way (a VM builtin's view of it would keep the offset) leaves ``mod`` as
     the planner made it."""
     centring = _CentreRowBands(mod)
-    centred = centring.transform()
-    uses = [0]
-
-    def count(expr: relax.Expr) -> None:
-        uses[0] += centring._is_offset(expr)
-
-    for func in centred.functions.values():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func.body, count)
-    if uses[0] != centring.uses_seen:
+    centred = _rewrite_relax_functions(centring, mod)
+    if centring.uses_in(centred) != centring.uses_seen:
         return mod
     mod = centred
     for gv, func in list(mod.functions.items()):
         if isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint in centring.offset_params:
             for position in sorted(centring.offset_params[gv.name_hint]):
-                func = _with_param_buffer(func, position, any_offset=True) or func
+                func = with_param_buffer(func, position, any_offset=True) or func
             mod.update_func(gv, func)
     return mod
 
@@ -346,7 +345,7 @@ def _input_uses(mod: tvm.IRModule) -> dict[int, list[tuple[relax.GlobalVar, int]
     return kernels if seen == accounted else None
 
 
-def _with_param_buffer(func: tvm.tirx.PrimFunc, index: int, *, alignment: int | None = None,
+def with_param_buffer(func: tvm.tirx.PrimFunc, index: int, *, alignment: int | None = None,
                        any_offset: bool = False) -> tvm.tirx.PrimFunc | None:
     """``func`` with parameter ``index``'s buffer declared ``alignment``-byte aligned, or (``any_offset``)
     taking the tensor at a byte offset, a multiple of 64 (None if that parameter is not a buffer). TVM's
@@ -392,7 +391,7 @@ def accept_unaligned_inputs(mod: tvm.IRModule, target: tvm.target.Target) -> tup
     relaxed: dict[relax.GlobalVar, tvm.tirx.PrimFunc] = {}
     for i, kernels in uses.items():
         for gv, index in kernels:
-            func = _with_param_buffer(relaxed.get(gv, mod[gv]), index, alignment=itemsizes[i])
+            func = with_param_buffer(relaxed.get(gv, mod[gv]), index, alignment=itemsizes[i])
             if func is None:
                 return mod, TVM_ALIGNMENT
             relaxed[gv] = func
