@@ -114,6 +114,12 @@ MIN_SPLIT_ROWS = 28
 maps are left to the search: there a layer's weights outweigh its activations (V2's 14x14 layers hold up
 to 450 KB of activations and 1.3 MB of weights) and splitting output channels divides the weights."""
 
+MIN_PREFERRED_ROWS = 14
+"""Maps of this many rows up to :data:`MIN_SPLIT_ROWS` stay free in the search, but ``compile`` prefers a
+record that splits their rows when one is nearly as fast alone (``tune.SMALL_MAP_SLOWDOWN``): V1's ten 14x14
+kernels in a row ran 2% faster in the model so, each up to 7% slower alone; where only some kernels of a
+chain can, or only much slower ones, the model gains nothing or loses (bench/README.md item 43)."""
+
 
 def loops_and_blocks(stmt, loops: tuple = (), found: list | None = None) -> list:
     """(block realize, the loops around it) for every block under ``stmt``."""
@@ -176,41 +182,42 @@ def _thread_rows(writer, threads: int) -> list[tuple[int, int] | None] | None:
     return rows
 
 
-def _rows_per_thread(writer, threads: int) -> int | None:
+def _rows_per_thread(writer, threads: int, min_rows: int = MIN_SPLIT_ROWS) -> int | None:
     """The output rows :class:`SplitRows` gives each thread of the kernel whose output ``writer`` writes
-    (scheduled or not), or None where the rule leaves it free: one thread, fewer than :data:`MIN_SPLIT_ROWS`
-    rows, rows that ``threads`` does not divide, an output that is not 4-D."""
+    (scheduled or not), or None where the rule leaves it free: one thread, fewer than ``min_rows`` rows,
+    rows that ``threads`` does not divide, an output that is not 4-D."""
     shape = _extents(writer[0].block) if writer is not None else None
-    if shape is None or len(shape) != 4 or shape[1] < MIN_SPLIT_ROWS or shape[1] % threads:
+    if shape is None or len(shape) != 4 or shape[1] < min_rows or shape[1] % threads:
         return None
     return shape[1] // threads
 
 
-def splits_rows(func: tvm.tirx.PrimFunc, threads: int) -> bool:
+def splits_rows(func: tvm.tirx.PrimFunc, threads: int, min_rows: int = MIN_SPLIT_ROWS) -> bool:
     """Whether a scheduled kernel follows :class:`SplitRows`: true for kernels the rule leaves free, and for
     kernels that run on one thread (the fastest schedule of a MobileNetV3 squeeze-excitation's scaling of
     a 28x28 map is serial, 5 µs, against 30 µs for the fastest parallel one)."""
     if threads < 2:
         return True
     writer = _output_writer(func)
-    share = _rows_per_thread(writer, threads)
+    share = _rows_per_thread(writer, threads, min_rows)
     rows = _thread_rows(writer, threads) if share is not None else None
     return rows is None or rows == [(t * share, (t + 1) * share - 1) for t in range(threads)]
 
 
-def constrains(workload: tvm.IRModule, threads: int) -> bool:
-    """Whether :class:`SplitRows` constrains the schedules of ``workload`` on ``threads`` threads."""
-    return threads >= 2 and _rows_per_thread(_output_writer(workload["main"]), threads) is not None
+def constrains(workload: tvm.IRModule, threads: int, min_rows: int = MIN_SPLIT_ROWS) -> bool:
+    """Whether :class:`SplitRows` constrains the schedules of ``workload`` on ``threads`` threads (with
+    ``min_rows``: whether it would, were maps of that many rows split by rows too)."""
+    return threads >= 2 and _rows_per_thread(_output_writer(workload["main"]), threads, min_rows) is not None
 
 
-def trace_splits_rows(trace: Trace, workload: tvm.IRModule, threads: int) -> bool:
+def trace_splits_rows(trace: Trace, workload: tvm.IRModule, threads: int, min_rows: int = MIN_SPLIT_ROWS) -> bool:
     """Whether a record's schedule of ``workload`` follows :class:`SplitRows` (false if it does not replay)."""
     sch = Schedule(workload)
     try:
         trace.apply_to_schedule(sch, remove_postproc=False)
     except Exception:  # noqa: BLE001 - TVM reports a failed replay as ScheduleError or an internal error
         return False
-    return splits_rows(sch.mod["main"], threads)
+    return splits_rows(sch.mod["main"], threads, min_rows)
 
 
 @derived_object

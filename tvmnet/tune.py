@@ -322,22 +322,36 @@ SPLIT_ROWS_SLOWDOWN = 2.5
 fastest for ``compile`` to prefer it: in V2, a 2.3x slower one ran 20-30% faster inside the model than the
 fastest, which split columns (bench/README.md item 28). Searches with the rule find ones about as fast alone."""
 
+SMALL_MAP_SLOWDOWN = 1.15
+"""The same for maps of :data:`search_space.MIN_PREFERRED_ROWS` up to :data:`search_space.MIN_SPLIT_ROWS` rows,
+which the search leaves free: V1 took records up to 1.10x slower alone and ran 2% faster; V3-Large, taking
+ones up to 2.5x slower, ran 2-3% slower (bench/README.md item 43)."""
+
 
 def _preferred(ranked: list, target) -> tuple:
     """The (rank, record) to apply from a workload's records, best rank first: the first, unless the search
     space now constrains the workload to split rows across threads and the first does not. Then the fastest
     record of the same CPU that does, if one is within :data:`SPLIT_ROWS_SLOWDOWN` of the first: logs
-    searched before the rule keep their records, and those searched after it prefer records that follow it."""
+    searched before the rule keep their records, and those searched after it prefer records that follow it.
+    On maps of :data:`search_space.MIN_PREFERRED_ROWS` rows or more, which the search leaves free, the same
+    within :data:`SMALL_MAP_SLOWDOWN`."""
     from . import search_space
 
     (first_elsewhere, first_secs), first = ranked[0]
     threads = search_space.threads_of(target) if target is not None else 1
-    if is_baseline(first) or not search_space.constrains(first.workload.mod, threads):
+    if is_baseline(first):
         return ranked[0]  # the untuned kernel measured fastest (the floor) runs on one thread: nothing to split
-    for (elsewhere, secs), record in ranked:
-        if elsewhere != first_elsewhere or secs > first_secs * SPLIT_ROWS_SLOWDOWN:
+    for min_rows, slowdown in ((search_space.MIN_SPLIT_ROWS, SPLIT_ROWS_SLOWDOWN),
+                               (search_space.MIN_PREFERRED_ROWS, SMALL_MAP_SLOWDOWN)):
+        if search_space.constrains(first.workload.mod, threads, min_rows):
             break
-        if not is_baseline(record) and search_space.trace_splits_rows(record.trace, record.workload.mod, threads):
+    else:
+        return ranked[0]
+    for (elsewhere, secs), record in ranked:
+        if elsewhere != first_elsewhere or secs > first_secs * slowdown:
+            break
+        if not is_baseline(record) and search_space.trace_splits_rows(record.trace, record.workload.mod, threads,
+                                                                      min_rows):
             return (elsewhere, secs), record
     return ranked[0]
 
