@@ -346,7 +346,7 @@ def _input_uses(mod: tvm.IRModule) -> dict[int, list[tuple[relax.GlobalVar, int]
 
 
 def with_param_buffer(func: tvm.tirx.PrimFunc, index: int, *, alignment: int | None = None,
-                       any_offset: bool = False) -> tvm.tirx.PrimFunc | None:
+                      any_offset: bool = False) -> tvm.tirx.PrimFunc | None:
     """``func`` with parameter ``index``'s buffer declared ``alignment``-byte aligned, or (``any_offset``)
     taking the tensor at a byte offset, a multiple of 64 (None if that parameter is not a buffer). TVM's
     API cannot re-type a buffer variable (``specialize`` refuses another alignment), so this edits the
