@@ -268,8 +268,9 @@ def centre_row_bands(mod: tvm.IRModule) -> tvm.IRModule:
     start, so the boundary between the threads' bytes moved from layer to layer, and a core wrote lines the
     other core held: V1's 28x28 depthwise convolution took 82 µs in model order writing the storage a
     28x28x128 and a 56x56x128 tensor had used, 43 µs writing a buffer of its own. Centred, the boundary stays
-    at the storage's middle, and the storage stays the one the planner chose, still in cache; smaller maps
-    split columns or channels, and stay at the start (bench/README.md item 42).
+    at the storage's middle, and the storage stays the one the planner chose, still in cache. Smaller maps
+    stay at the start: most split columns or channels, and where 14x14 ones split rows, centring them gained
+    nothing (bench/README.md items 42-43).
 
     TVM's kernels take tensors at offset 0 only; the ones that receive a centred tensor take it at any
     multiple of 64 bytes instead. Only those: a 14x14 kernel whose input could move slowed down 2.2x. A
