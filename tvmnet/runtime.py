@@ -7,6 +7,7 @@ where only TVM's runtime is installed. Every input is checked against the manife
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import statistics
 import sys
@@ -170,8 +171,23 @@ class CompiledModel:
         which numpy gives only by chance (a misaligned tensor handed to such kernels crashed the process).
         DLPack cannot export a read-only array.
         """
-        return (self._on_cpu and array.flags.c_contiguous and array.flags.writeable
-                and array.ctypes.data % self._input_alignment == 0)
+        return self._in_place(array) is not None
+
+    def _in_place(self, array: np.ndarray) -> Any | None:
+        """``array`` as a TVM tensor over its own memory, or None where ``reads_in_place`` says no.
+
+        TVM checks the alignment as it wraps the array. Reading the address first (``array.ctypes.data``)
+        cost about 40 µs per MobileNetV2 call here: an inference pushes Python's own code and data out of
+        the caches, and ctypes is a lot of both to bring back (bench/README.md item 44).
+        """
+        if not (self._on_cpu and array.flags.c_contiguous and array.flags.writeable):
+            return None
+        import tvm_ffi
+
+        try:
+            return tvm_ffi.from_dlpack(array, require_alignment=self._input_alignment, require_contiguous=True)
+        except RuntimeError:  # "FromDLPack: Data is not aligned to N bytes"
+            return None
 
     def _device_inputs(self, arrays: list[np.ndarray]) -> list[Any]:
         """The inputs as TVM tensors (call with the lock held): an array ``reads_in_place`` accepts is
@@ -183,16 +199,15 @@ class CompiledModel:
         ``copyfrom``; numpy cannot view GPU memory, so a GPU model copies with ``copyfrom``. A kept tensor
         is made on the first copy: most calls on a CPU now read in place and need none.
         """
-        import tvm
-        import tvm_ffi
-
         tensors = []
         for i, array in enumerate(arrays):
-            if self.reads_in_place(array):
-                tensors.append(tvm_ffi.from_dlpack(array, require_alignment=self._input_alignment,
-                                                   require_contiguous=True))
+            tensor = self._in_place(array)
+            if tensor is not None:
+                tensors.append(tensor)
                 continue
             if i not in self._kept_inputs:
+                import tvm
+
                 kept = tvm.runtime.empty(self.inputs[i].shape, self.inputs[i].dtype, self._device)
                 self._kept_inputs[i] = (kept, np.from_dlpack(kept) if self._on_cpu else None)
             kept, view = self._kept_inputs[i]
@@ -344,7 +359,7 @@ def _warn_if_not_finite(spec: TensorSpec, array: np.ndarray) -> None:
     nothing. Reading the fresh device copy instead was no faster (paired blocks, tuned MobileNetV2), so
     the check stays with the other input checks, which local and remote models share.
     """
-    if array.dtype.kind == "f" and not (np.isfinite(array.min()) and np.isfinite(array.max())):
+    if array.dtype.kind == "f" and not (math.isfinite(array.min()) and math.isfinite(array.max())):
         warnings.warn(f"input '{spec.name}' contains NaN or Inf; the outputs will not be meaningful",
                       stacklevel=_stacklevel_outside_package())
 
