@@ -21,11 +21,11 @@ ROWS, K, F = 4, 512, 256
 WEIGHT_SHAPE = (F // 64, K // 64, 64, 64)  # 512 KB
 
 
-def _kernel(rows: int, order: str) -> tvm.tirx.PrimFunc:
+def _kernel(rows: int, order: str, step: int = 64) -> tvm.tirx.PrimFunc:
     """``rows`` x 512 input times 512 x 256 weights, stored as [f0, k0, k1, f3] (512 KB), scheduled as a tuned
     1x1 convolution is: output channels split over the threads in blocks of 64 (``f0``, vectorized ``f3``), the
-    reduction in steps of 64 channels (``k0``, then ``k1``). ``order`` names the loops outside in, a loop ``p``
-    being ``f0`` and the first of two row blocks fused into the parallel loop."""
+    reduction in steps of ``step`` channels (``k0``, then ``k1``). ``order`` names the loops outside in, a loop
+    ``p`` being ``f0`` and the first of two row blocks fused into the parallel loop."""
     x = te.placeholder((rows, K), name="x")
     w = te.placeholder(WEIGHT_SHAPE, name="w")
     k = te.reduce_axis((0, K), name="k")
@@ -35,7 +35,7 @@ def _kernel(rows: int, order: str) -> tvm.tirx.PrimFunc:
     block = sch.get_sblock("update")
     r, f, k = sch.get_loops(block)
     loops = dict(zip(("f0", "f3"), sch.split(f, [None, 64])))
-    loops.update(zip(("k0", "k1"), sch.split(k, [None, 64])))
+    loops.update(zip(("k0", "k1"), sch.split(k, [None, step])))
     loops.update(zip(("h", "r"), sch.split(r, [None, 4])) if rows > 4 else {"r": r})
     sch.reorder(*(loops[name] for name in order.replace("p", "f0 h").split()))
     if "p" in order:
@@ -51,11 +51,13 @@ ROWS_IN_TWO_PASSES = (8, "f0 h k0 r k1 f3")
 """Eight rows in two passes of four: the second pass reads the weights again, from L2."""
 ROWS_SPLIT_OVER_THREADS = (8, "p k0 k1 r f3")
 """Rows and output channels split over the threads: two parallel iterations read each weight."""
+SHORT_STEPS = (4, "f0 k0 k1 r f3", 8)
+"""Steps of 8 channels: 2 KB of weights each, so its prefetches reach :data:`prefetch.AHEAD_BYTES` on."""
 
 
-def _module(kernel: tuple[int, str], weights: np.ndarray) -> tvm.IRModule:
+def _module(kernel: tuple, weights: np.ndarray) -> tvm.IRModule:
     """A Relax ``main`` calling :func:`_kernel` with constant weights, as the fused and scheduled model does."""
-    rows, _ = kernel
+    rows = kernel[0]
     builder = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((rows, K), "float32"))
     with builder.function("main", [x]):
@@ -124,11 +126,11 @@ def _statements(stmt):
         yield from _statements(part)
 
 
-def _step_lines(f: int, k: int) -> set[int]:
-    """The lines of w[f, k + 1], the next step's weights (none after the last step)."""
-    per_step = 64 * 64 * 4 // prefetch.LINE_BYTES
-    first = (f * 8 + k + 1) * per_step
-    return set(range(first, first + per_step)) if k < 7 else set()
+def _step_lines(f: int, k: int, step: int = 64) -> set[int]:
+    """The lines of step ``k`` of output channel block ``f`` (``step`` channels a step; none past the last)."""
+    per_step = step * 64 * 4 // prefetch.LINE_BYTES
+    first = (f * (K // step) + k) * per_step
+    return set(range(first, first + per_step)) if k < K // step else set()
 
 
 def test_each_step_prefetches_exactly_the_next_steps_weights(weights):
@@ -136,7 +138,24 @@ def test_each_step_prefetches_exactly_the_next_steps_weights(weights):
     lines = _prefetched_lines(mod["kernel"])  # keyed by (f0, k0, r)
     for f, k in itertools.product(range(4), range(8)):
         fetched = set().union(*(lines.get((f, k, r), set()) for r in range(4)))
-        assert fetched == _step_lines(f, k), (f, k)
+        assert fetched == _step_lines(f, k + 1), (f, k)
+
+
+def test_short_steps_prefetch_the_step_ahead_bytes_on_and_build_the_same_result(weights):
+    target = get_target("x86").tvm_target()
+    mod = _module(SHORT_STEPS, weights)
+    rewritten, changed = prefetch.prefetch_weights(tvm.IRModule(dict(mod.functions)), target)
+    assert changed == ["kernel"]
+    ahead = prefetch.AHEAD_BYTES // (8 * 64 * 4)
+    assert ahead > 1
+    lines = _prefetched_lines(rewritten["kernel"])  # keyed by (f0, k0)
+    for f, k in itertools.product(range(4), range(K // 8)):
+        assert lines.get((f, k), set()) == _step_lines(f, k + ahead, step=8), (f, k)
+
+    x = np.random.default_rng(1).standard_normal((4, K)).astype(np.float32)
+    vm = relax.VirtualMachine(pipeline.build(mod, target).executable, tvm.cpu())
+    np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), _reference(x, weights),
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_weights_read_again_are_prefetched_on_the_first_pass_only(weights):
@@ -146,7 +165,7 @@ def test_weights_read_again_are_prefetched_on_the_first_pass_only(weights):
     lines = _prefetched_lines(mod["kernel"])  # keyed by (f0, h, k0, r)
     for f, h, k in itertools.product(range(4), range(2), range(8)):
         fetched = set().union(*(lines.get((f, h, k, r), set()) for r in range(4)))
-        assert fetched == (_step_lines(f, k) if h == 0 else set()), (f, h, k)
+        assert fetched == (_step_lines(f, k + 1) if h == 0 else set()), (f, h, k)
 
 
 def test_prefetch_leaves_alone_weights_other_threads_read_small_weights_and_non_x86_targets(weights, monkeypatch):

@@ -3,10 +3,11 @@
 Inside a model, a convolution's weights are no longer in the core's L2 when it runs: the rest of the model
 pushed them out, so they come from L3. A tuned kernel reads them in bursts (V1's 7x7 1x1 convolutions read
 a 16 KB block of weights in their first pixel row, then reuse it from L1 for six more), faster than L3
-delivers them, and the hardware prefetchers stop at each 4 KB page. This pass makes such a kernel fetch the
-next block of weights into L2 while it computes on the current one, a few cache lines at a time, outside
-the loop that keeps the accumulators in registers. V1's 1024->1024 convolution took 500 µs in the model
-without it and 389 µs with it, its 512->1024 one 256 and 205 µs (bench/README.md, item 30).
+delivers them, and the hardware prefetchers stop at each 4 KB page. This pass makes such a kernel fetch a
+block of weights ahead into L2 while it computes on the current one (the next block, or the one
+:data:`AHEAD_BYTES` on), a few cache lines at a time, outside the loop that keeps the accumulators in
+registers. V1's 1024->1024 convolution took 500 µs in the model without it and 389 µs with it, its
+512->1024 one 256 and 205 µs (bench/README.md, item 30).
 
 The rewrite runs on scheduled TIR after the tuned records are applied, so tuning records and their
 workloads are unchanged: MetaSchedule measures each kernel alone, with its weights warm, where the prefetch
@@ -42,6 +43,12 @@ first pass. Their disassembly says why: without a prefetch, LLVM keeps the 14 pi
 registers and loads each weight vector once for all of them; with one in the step, it runs the pixels one
 after another and every multiply-add reads its weights from memory again. A step whose slots hold many
 more accumulators than the registers (the 7x7 layers) is stored slot by slot anyway and loses nothing."""
+AHEAD_BYTES = 8 * 1024
+"""How far ahead of a step's own weights its prefetches reach, at least: a step that reads fewer bytes
+fetches the block that many steps on, because one short step ahead is too soon for weights coming from L3.
+V2's 320->1280 convolution at 7x7 reads 512 bytes a step: in model order it took 170 µs with its prefetches
+one step ahead, 161 at 2 KB ahead, 146 at 8 KB, 156 at 16 KB and 175 at 32 KB (bench/README.md item 44).
+Every other kernel the shipped x86 logs prefetch reads 8 KB or more a step, and builds as before."""
 PREFETCH_TO_L2 = 2
 """``llvm.prefetch`` locality 2: ``prefetcht1`` on x86, into L2 and not L1, where the current block lives."""
 
@@ -194,7 +201,8 @@ def _plan(load, realize, reduce_values, loops, shape: list[int], itemsize: int):
         slot = slot * loop.extent + (loop.loop_var - loop.min)
     line = tvm.tirx.Var("prefetch_line", index_type)
     position = slot * per_slot + line
-    next_block = _bound(flat, {loop.loop_var: loop.min for loop in loops[step + 1:]}) + advance
+    ahead = math.ceil(AHEAD_BYTES / span)  # in steps; at least one
+    next_block = _bound(flat, {loop.loop_var: loop.min for loop in loops[step + 1:]}) + advance * ahead
     # a byte offset from the buffer's start: affine in the loops, so it costs an add, where the element's
     # multi-dimensional index would cost a division per dimension
     address = tvm.tirx.call_intrin(
@@ -202,7 +210,7 @@ def _plan(load, realize, reduce_values, loops, shape: list[int], itemsize: int):
         tvm.tirx.address_of(tvm.tirx.BufferLoad(load.source, [tvm.tirx.const(0, index_type)] * len(shape))),
         ((next_block + position * (LINE_BYTES // itemsize)) * itemsize).astype("int32"))
     prefetch = tvm.tirx.Evaluate(tvm.tirx.call_intrin("void", "tirx.prefetch", address, 0, PREFETCH_TO_L2, 1))
-    in_range = tvm.tirx.And(position < lines, step_loop.loop_var + 1 < step_loop.min + step_loop.extent)
+    in_range = tvm.tirx.And(position < lines, step_loop.loop_var + ahead < step_loop.min + step_loop.extent)
     for loop in rereads:
         in_range = tvm.tirx.And(in_range, loop.loop_var == loop.min)
     statement = tvm.tirx.For(line, tvm.tirx.const(0, index_type), tvm.tirx.const(per_slot, index_type),
