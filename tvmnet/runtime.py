@@ -177,8 +177,9 @@ class CompiledModel:
         """``array`` as a TVM tensor over its own memory, or None where ``reads_in_place`` says no.
 
         TVM checks the alignment as it wraps the array. Reading the address first (``array.ctypes.data``)
-        cost about 40 µs per MobileNetV2 call here: an inference pushes Python's own code and data out of
-        the caches, and ctypes is a lot of both to bring back (bench/README.md item 44).
+        takes under 1 µs warm, but an inference pushes Python's own code and data out of the caches and
+        ctypes is a lot of both to bring back: without it, ``run`` took 14-18 µs less per MobileNet call
+        here (bench/README.md item 44).
         """
         if not (self._on_cpu and array.flags.c_contiguous and array.flags.writeable):
             return None
