@@ -90,9 +90,14 @@ def test_prefetch_goes_in_front_of_the_accumulation_loop_and_builds_the_same_res
                     if isinstance(s, tvm.tirx.For) and s.loop_var.name == "r")
     assert [part.loop_var.name for part in row_loop.body.seq] == ["prefetch_line", "k_1"]
 
-    x = np.random.default_rng(1).standard_normal((ROWS, K)).astype(np.float32)
-    built = pipeline.build(mod, target)
-    vm = relax.VirtualMachine(built.executable, tvm.cpu())
+    _assert_builds_the_product(mod, target, weights)
+
+
+def _assert_builds_the_product(mod: tvm.IRModule, target, weights: np.ndarray) -> None:
+    """``mod`` built through the shared pipeline computes its input times ``weights``."""
+    rows = int(mod["main"].params[0].ty.shape[0])
+    x = np.random.default_rng(1).standard_normal((rows, K)).astype(np.float32)
+    vm = relax.VirtualMachine(pipeline.build(mod, target).executable, tvm.cpu())
     np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), _reference(x, weights),
                                rtol=1e-5, atol=1e-4)
 
@@ -152,10 +157,7 @@ def test_short_steps_prefetch_the_step_ahead_bytes_on_and_build_the_same_result(
     for f, k in itertools.product(range(4), range(K // 8)):
         assert lines.get((f, k), set()) == _step_lines(f, k + ahead, step=8), (f, k)
 
-    x = np.random.default_rng(1).standard_normal((4, K)).astype(np.float32)
-    vm = relax.VirtualMachine(pipeline.build(mod, target).executable, tvm.cpu())
-    np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), _reference(x, weights),
-                               rtol=1e-5, atol=1e-4)
+    _assert_builds_the_product(mod, target, weights)
 
 
 def test_weights_read_again_are_prefetched_on_the_first_pass_only(weights):
