@@ -158,15 +158,18 @@ def test_tune_marks_the_postprocessing_of_seeds_made_without_the_marker(tmp_path
     assert messages == []
 
 
-def _pointwise_nhwc(rows: int = 28):
-    """A 1x1 NHWC convolution with a ReLU epilogue on a ``rows`` x ``rows`` map: the shape SplitRows is about."""
+def _pointwise_nhwc(rows: int = 28, stride: int = 1):
+    """A 1x1 NHWC convolution with a ReLU epilogue on a ``rows`` x ``rows`` map: the shape SplitRows is about
+    (with ``stride`` 2, a map of half the rows, rounded up, as a stride-2 layer writes)."""
     import tvm
     from tvm import te
 
+    out = -(-rows // stride)
     x = te.placeholder((1, rows, rows, 8), name="x")
     w = te.placeholder((8, 16), name="w")
     k = te.reduce_axis((0, 8), name="k")
-    conv = te.compute((1, rows, rows, 16), lambda n, h, v, c: te.sum(x[n, h, v, k] * w[k, c], axis=k), name="conv")
+    conv = te.compute((1, out, out, 16), lambda n, h, v, c: te.sum(x[n, h * stride, v * stride, k] * w[k, c], axis=k),
+                      name="conv")
     relu = te.compute(conv.shape, lambda *i: te.max(conv(*i), 0.0), name="relu")
     return tvm.IRModule({"main": te.create_prim_func([x, w, relu])})
 
@@ -210,6 +213,26 @@ def test_split_rows_reads_which_rows_each_thread_writes(axes, rows, follows):
     assert search_space.constrains(_pointwise_nhwc(), 2) and not search_space.constrains(_pointwise_nhwc(14), 2)
 
 
+def test_a_stride_2_layer_after_a_split_map_splits_its_odd_rows_in_tvms_bands():
+    """7 output rows from 14: thread 0 writes rows 0-3 and thread 1 rows 4-6, as TVM's runtime deals out a
+    parallel loop of 7; such a layer, and only such a layer, is one where ``compile`` prefers rows split so."""
+    from tvmnet import search_space
+
+    assert search_space.row_bands(7, 2) == [(0, 3), (4, 6)]
+    assert search_space.row_bands(28, 2) == [(0, 13), (14, 27)]
+    assert search_space.row_bands(5, 4) == [(0, 1), (2, 3), (4, 4), None]  # the last thread left without rows
+    halving = _pointwise_nhwc(14, stride=2)
+    by_rows, by_channels = (_parallel_over(halving, axes).mod["main"] for axes in ("h", "c"))
+    assert search_space.thread_rows(by_rows, 2) == [(0, 3), (4, 6)]
+    assert search_space.splits_rows(by_rows, 2, min_rows=1, uneven=True)
+    assert not search_space.splits_rows(by_channels, 2, min_rows=1, uneven=True)
+    assert search_space.splits_rows(by_channels, 2, min_rows=1)  # odd rows: left free unless uneven
+    assert search_space.halves_a_split_map(halving, 2) and not search_space.halves_a_split_map(halving, 1)
+    assert not search_space.halves_a_split_map(_pointwise_nhwc(14), 2)  # its output is as large: a map of its own
+    assert not search_space.halves_a_split_map(_pointwise_nhwc(12, stride=2), 2)  # read from a map left free
+    assert not search_space.halves_a_split_map(_pointwise_nhwc(14, stride=2), 4)  # 14 rows do not split in 4
+
+
 def test_cpu_search_spaces_split_rows_over_the_targets_cores():
     import tvm
 
@@ -224,23 +247,25 @@ def test_cpu_search_spaces_split_rows_over_the_targets_cores():
         assert postprocs[-1].apply(_parallel_over(_pointwise_nhwc(), "h"))
 
 
-@pytest.mark.parametrize("rows, rows_seconds, untuned_seconds, applied", [
-    (28, 2e-5, None, "h"), (28, 3e-5, None, "c"), (28, 2e-5, 1.5e-5, "h"), (28, 2e-5, 0.9e-5, "untuned"),
-    (14, 1.1e-5, None, "h"), (14, 1.2e-5, None, "c"), (12, 1.01e-5, None, "c"),
+@pytest.mark.parametrize("rows, stride, rows_seconds, untuned_seconds, applied", [
+    (28, 1, 2e-5, None, "h"), (28, 1, 3e-5, None, "c"), (28, 1, 2e-5, 1.5e-5, "h"), (28, 1, 2e-5, 0.9e-5, "untuned"),
+    (14, 1, 1.1e-5, None, "h"), (14, 1, 1.2e-5, None, "c"), (12, 1, 1.01e-5, None, "c"),
+    (14, 2, 1.4e-5, None, "h"), (14, 2, 1.6e-5, None, "c"), (12, 2, 1.01e-5, None, "c"),
 ])
 def test_compile_prefers_a_record_that_splits_rows_unless_it_is_much_slower(
-        tmp_path, rows, rows_seconds, untuned_seconds, applied):
+        tmp_path, rows, stride, rows_seconds, untuned_seconds, applied):
     """A log searched before SplitRows holds faster records that split channels; compile takes the fastest
     record that splits rows when it is at most SPLIT_ROWS_SLOWDOWN (2.5x) slower alone. An untuned kernel
     that measured fastest (the floor) stays: it runs on one thread (in CI, a 4-trial search's record that
     split rows replaced one); one that did not is never what the rule prefers. Maps of 14 to 27 rows, which
-    the search leaves free, take one within SMALL_MAP_SLOWDOWN (1.15x); smaller maps the fastest."""
+    the search leaves free, take one within SMALL_MAP_SLOWDOWN (1.15x); the stride-2 layers after them within
+    HALVED_MAP_SLOWDOWN (1.5x), their 7 rows in bands of 4 and 3; smaller maps the fastest."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
     from tvmnet import search_space, tune
 
-    workload = _pointwise_nhwc(rows)
+    workload = _pointwise_nhwc(rows, stride)
     target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64", "num-cores": 2})
     database = ms.database.JSONDatabase(work_dir=str(tmp_path))
     entry = database.commit_workload(workload)
@@ -255,7 +280,7 @@ def test_compile_prefers_a_record_that_splits_rows_unless_it_is_much_slower(
         (record,) = tune.compile_database(tmp_path, target=build_target).get_all_tuning_records()
         if tune.is_baseline(record):
             return "untuned"
-        return "h" if search_space.trace_splits_rows(record.trace, workload, 2, min_rows=1) else "c"
+        return "h" if search_space.trace_splits_rows(record.trace, workload, 2, min_rows=1, uneven=True) else "c"
 
     assert chosen(target) == applied
     one_thread = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64", "num-cores": 1})

@@ -182,42 +182,70 @@ def _thread_rows(writer, threads: int) -> list[tuple[int, int] | None] | None:
     return rows
 
 
-def _rows_per_thread(writer, threads: int, min_rows: int = MIN_SPLIT_ROWS) -> int | None:
-    """The output rows :class:`SplitRows` gives each thread of the kernel whose output ``writer`` writes
-    (scheduled or not), or None where the rule leaves it free: one thread, fewer than ``min_rows`` rows,
-    rows that ``threads`` does not divide, an output that is not 4-D."""
+def _split_height(writer, threads: int, min_rows: int = MIN_SPLIT_ROWS, uneven: bool = False) -> int | None:
+    """The output rows of the kernel whose output ``writer`` writes (scheduled or not) where :class:`SplitRows`
+    would split them, or None where the rule leaves it free: one thread, fewer than ``min_rows`` rows, rows
+    that ``threads`` does not divide (unless ``uneven``), an output that is not 4-D."""
     shape = _extents(writer[0].block) if writer is not None else None
-    if shape is None or len(shape) != 4 or shape[1] < min_rows or shape[1] % threads:
+    if shape is None or len(shape) != 4 or shape[1] < max(min_rows, threads):
         return None
-    return shape[1] // threads
+    if shape[1] % threads and not uneven:
+        return None
+    return shape[1]
 
 
-def splits_rows(func: tvm.tirx.PrimFunc, threads: int, min_rows: int = MIN_SPLIT_ROWS) -> bool:
+def row_bands(height: int, threads: int) -> list[tuple[int, int] | None]:
+    """The first and last row each thread writes when a parallel loop runs over ``height`` rows, as
+    :func:`thread_rows` gives them: TVM's CPU runtime gives each thread ceil(height / threads) iterations, the
+    last one fewer (4 and 3 of 7), and a thread past the end none."""
+    share = math.ceil(height / threads)
+    return [(first, min(height, first + share) - 1) if first < height else None
+            for first in range(0, share * threads, share)]
+
+
+def splits_rows(func: tvm.tirx.PrimFunc, threads: int, min_rows: int = MIN_SPLIT_ROWS,
+                uneven: bool = False) -> bool:
     """Whether a scheduled kernel follows :class:`SplitRows`: true for kernels the rule leaves free, and for
     kernels that run on one thread (the fastest schedule of a MobileNetV3 squeeze-excitation's scaling of
     a 28x28 map is serial, 5 µs, against 30 µs for the fastest parallel one)."""
     if threads < 2:
         return True
     writer = _output_writer(func)
-    share = _rows_per_thread(writer, threads, min_rows)
-    rows = _thread_rows(writer, threads) if share is not None else None
-    return rows is None or rows == [(t * share, (t + 1) * share - 1) for t in range(threads)]
+    height = _split_height(writer, threads, min_rows, uneven)
+    rows = _thread_rows(writer, threads) if height is not None else None
+    return rows is None or rows == row_bands(height, threads)
 
 
-def constrains(workload: tvm.IRModule, threads: int, min_rows: int = MIN_SPLIT_ROWS) -> bool:
+def constrains(workload: tvm.IRModule, threads: int, min_rows: int = MIN_SPLIT_ROWS, uneven: bool = False) -> bool:
     """Whether :class:`SplitRows` constrains the schedules of ``workload`` on ``threads`` threads (with
-    ``min_rows``: whether it would, were maps of that many rows split by rows too)."""
-    return threads >= 2 and _rows_per_thread(_output_writer(workload["main"]), threads, min_rows) is not None
+    ``min_rows`` or ``uneven``: whether it would, were those maps split by rows too)."""
+    return threads >= 2 and _split_height(_output_writer(workload["main"]), threads, min_rows, uneven) is not None
 
 
-def trace_splits_rows(trace: Trace, workload: tvm.IRModule, threads: int, min_rows: int = MIN_SPLIT_ROWS) -> bool:
+def halves_a_split_map(workload: tvm.IRModule, threads: int) -> bool:
+    """Whether ``workload`` is a stride-2 layer that reads a map :class:`SplitRows` or ``compile`` splits by rows
+    (its first argument, at least :data:`MIN_PREFERRED_ROWS` rows that the threads divide) and writes a smaller
+    one. Split by rows too, in TVM's bands (rows 0-3 and 4-6 of 7 from 14), each thread reads its input from
+    its own core but for one row; split by channels, half of it from the other core."""
+    func = workload["main"]
+    shape = getattr(func.params[0].ty, "shape", ())
+    writer = _output_writer(func)
+    out = _extents(writer[0].block) if writer is not None else None
+    if threads < 2 or len(shape) != 4 or out is None or len(out) != 4:
+        return False
+    rows = int(shape[1])
+    return rows >= MIN_PREFERRED_ROWS and rows % threads == 0 and out[1] < MIN_PREFERRED_ROWS
+
+
+def trace_splits_rows(trace: Trace, workload: tvm.IRModule, threads: int, min_rows: int = MIN_SPLIT_ROWS,
+                      uneven: bool = False) -> bool:
     """Whether a record's schedule of ``workload`` follows :class:`SplitRows` (false if it does not replay)."""
     sch = Schedule(workload)
     try:
         trace.apply_to_schedule(sch, remove_postproc=False)
     except Exception:  # noqa: BLE001 - TVM reports a failed replay as ScheduleError or an internal error
         return False
-    return splits_rows(sch.mod["main"], threads, min_rows)
+    return splits_rows(sch.mod["main"], threads, min_rows, uneven)
 
 
 @derived_object

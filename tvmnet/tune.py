@@ -327,6 +327,12 @@ SMALL_MAP_SLOWDOWN = 1.15
 which the search leaves free: V1 took records up to 1.10x slower alone and ran 2% faster; V3-Large, taking
 ones up to 2.5x slower, ran 2-3% slower (bench/README.md item 43)."""
 
+HALVED_MAP_SLOWDOWN = 1.5
+"""The same for the stride-2 layers that read such a map (:func:`search_space.halves_a_split_map`), their
+output rows in TVM's uneven bands: V2's 14x14 -> 7x7 depthwise convolution took a record 1.31x slower alone and
+V1's one 1.46x slower, and each model ran 0.6-0.8% faster; V3-Large's fastest such record is 6.3x slower
+(bench/README.md item 45)."""
+
 
 def _preferred(ranked: list, target) -> tuple:
     """The (rank, record) to apply from a workload's records, best rank first: the first, unless the search
@@ -334,24 +340,28 @@ def _preferred(ranked: list, target) -> tuple:
     record of the same CPU that does, if one is within :data:`SPLIT_ROWS_SLOWDOWN` of the first: logs
     searched before the rule keep their records, and those searched after it prefer records that follow it.
     On maps of :data:`search_space.MIN_PREFERRED_ROWS` rows or more, which the search leaves free, the same
-    within :data:`SMALL_MAP_SLOWDOWN`."""
+    within :data:`SMALL_MAP_SLOWDOWN`, and on the stride-2 layers after them within :data:`HALVED_MAP_SLOWDOWN`."""
     from . import search_space
 
     (first_elsewhere, first_secs), first = ranked[0]
+    workload = first.workload.mod
     threads = search_space.threads_of(target) if target is not None else 1
     if is_baseline(first):
         return ranked[0]  # the untuned kernel measured fastest (the floor) runs on one thread: nothing to split
-    for min_rows, slowdown in ((search_space.MIN_SPLIT_ROWS, SPLIT_ROWS_SLOWDOWN),
-                               (search_space.MIN_PREFERRED_ROWS, SMALL_MAP_SLOWDOWN)):
-        if search_space.constrains(first.workload.mod, threads, min_rows):
+    tiers = [(search_space.MIN_SPLIT_ROWS, False, SPLIT_ROWS_SLOWDOWN),
+             (search_space.MIN_PREFERRED_ROWS, False, SMALL_MAP_SLOWDOWN)]
+    if search_space.halves_a_split_map(workload, threads):
+        tiers.append((1, True, HALVED_MAP_SLOWDOWN))
+    for min_rows, uneven, slowdown in tiers:
+        if search_space.constrains(workload, threads, min_rows, uneven):
             break
     else:
         return ranked[0]
     for (elsewhere, secs), record in ranked:
         if elsewhere != first_elsewhere or secs > first_secs * slowdown:
             break
-        if not is_baseline(record) and search_space.trace_splits_rows(record.trace, record.workload.mod, threads,
-                                                                      min_rows):
+        if not is_baseline(record) and search_space.trace_splits_rows(record.trace, workload, threads,
+                                                                      min_rows, uneven):
             return (elsewhere, secs), record
     return ranked[0]
 
