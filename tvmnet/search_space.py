@@ -165,18 +165,17 @@ def _thread_rows(writer, threads: int) -> list[tuple[int, int] | None] | None:
     parallel = next((loop for loop in loops if loop.kind == tvm.tirx.ForKind.PARALLEL), None)
     if parallel is None or int(parallel.extent) < threads:
         return None
-    extent = int(parallel.extent)
-    chunk = math.ceil(extent / threads)
     rows = []
-    for first in range(0, chunk * threads, chunk):
-        if first >= extent:
+    for iterations in row_bands(int(parallel.extent), threads):
+        if iterations is None:
             rows.append(None)
             continue
+        first, last = iterations
         analyzer = Analyzer()
         for loop in loops:
             if not loop.same_as(parallel):
                 analyzer.bind(loop.loop_var, tvm.ir.Range.from_min_extent(loop.min, loop.extent))
-        analyzer.bind(parallel.loop_var, tvm.ir.Range.from_min_extent(first, min(extent, first + chunk) - first))
+        analyzer.bind(parallel.loop_var, tvm.ir.Range.from_min_extent(first, last - first + 1))
         bound = analyzer.const_int_bound(realize.iter_values[1])
         rows.append((int(bound.min_value), int(bound.max_value)))
     return rows
@@ -195,9 +194,9 @@ def _split_height(writer, threads: int, min_rows: int = MIN_SPLIT_ROWS, uneven: 
 
 
 def row_bands(height: int, threads: int) -> list[tuple[int, int] | None]:
-    """The first and last row each thread writes when a parallel loop runs over ``height`` rows, as
-    :func:`thread_rows` gives them: TVM's CPU runtime gives each thread ceil(height / threads) iterations, the
-    last one fewer (4 and 3 of 7), and a thread past the end none."""
+    """The first and last row each thread writes when a parallel loop runs over ``height`` rows (the first and
+    last iteration of any parallel loop, which :func:`thread_rows` maps to rows): TVM's CPU runtime gives each
+    thread ceil(height / threads) iterations, the last one fewer (4 and 3 of 7), and a thread past the end none."""
     share = math.ceil(height / threads)
     return [(first, min(height, first + share) - 1) if first < height else None
             for first in range(0, share * threads, share)]
