@@ -21,7 +21,7 @@ ROWS, K, F = 4, 512, 256
 WEIGHT_SHAPE = (F // 64, K // 64, 64, 64)  # 512 KB
 
 
-def _kernel(rows: int, order: str, step: int = 64) -> tvm.tirx.PrimFunc:
+def _kernel(rows: int, order: str, step: int = 64, name: str = "kernel") -> tvm.tirx.PrimFunc:
     """``rows`` x 512 input times 512 x 256 weights, stored as [f0, k0, k1, f3] (512 KB), scheduled as a tuned
     1x1 convolution is: output channels split over the threads in blocks of 64 (``f0``, vectorized ``f3``), the
     reduction in steps of ``step`` channels (``k0``, then ``k1``). ``order`` names the loops outside in, a loop
@@ -42,7 +42,7 @@ def _kernel(rows: int, order: str, step: int = 64) -> tvm.tirx.PrimFunc:
         loops["f0"] = sch.fuse(loops["f0"], loops["h"])
     sch.parallel(loops["f0"])
     sch.vectorize(loops["f3"])
-    return sch.mod["main"].with_attr("global_symbol", "kernel")
+    return sch.mod["main"].with_attr("global_symbol", name)
 
 
 ROWS_TIMES_WEIGHTS = (4, "f0 k0 r k1 f3")
@@ -102,11 +102,11 @@ def _assert_builds_the_product(mod: tvm.IRModule, target, weights: np.ndarray) -
                                rtol=1e-5, atol=1e-4)
 
 
-def _prefetched_lines(func: tvm.tirx.PrimFunc) -> dict[tuple[int, ...], set[int]]:
-    """For each iteration of the loops around the prefetches, the 64-byte lines of the weights they fetch,
+def _prefetched_lines(func: tvm.tirx.PrimFunc, weights: str = "w") -> dict[tuple[int, ...], set[int]]:
+    """For each iteration of the loops around the prefetches of ``weights``, the 64-byte lines they fetch,
     found by evaluating the inserted address and condition there."""
     stmt = next(s for s in _statements(func.body) if isinstance(s, tvm.tirx.For)
-                and s.loop_var.name == "prefetch_line")
+                and s.loop_var.name == "prefetch_line" and _prefetched_buffer(s) == weights)
     condition, call = stmt.body.condition, stmt.body.then_case.value
     offset = call.args[0].args[1]
     loops = next(found for realize, found in loops_and_blocks(func.body) if realize.block.name_hint == "update")
@@ -120,6 +120,12 @@ def _prefetched_lines(func: tvm.tirx.PrimFunc) -> dict[tuple[int, ...], set[int]
             if int(analyzer.simplify(condition)):
                 lines.setdefault(values, set()).add(int(analyzer.simplify(offset)) // prefetch.LINE_BYTES)
     return lines
+
+
+def _prefetched_buffer(stmt: tvm.tirx.For) -> str:
+    """The name of the buffer whose lines a ``prefetch_line`` loop fetches."""
+    address = stmt.body.then_case.value.args[0]
+    return str(address.args[0].args[0].source)
 
 
 def _statements(stmt):
@@ -176,3 +182,61 @@ def test_prefetch_leaves_alone_weights_other_threads_read_small_weights_and_non_
     assert prefetch.prefetch_weights(_module(ROWS_TIMES_WEIGHTS, weights), get_target("rasp4b").tvm_target())[1] == []
     monkeypatch.setattr(prefetch, "MIN_WEIGHT_BYTES", weights.nbytes + 1)
     assert prefetch.prefetch_weights(_module(ROWS_TIMES_WEIGHTS, weights), x86)[1] == []
+
+
+def _two_kernels(first: tuple, second: tuple, weights: np.ndarray, next_weights: np.ndarray) -> tvm.IRModule:
+    """A Relax ``main`` calling two kernels one after the other on the same input, each with its own constant
+    weights."""
+    rows = first[0]
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((rows, K), "float32"))
+    with builder.function("main", [x]):
+        with builder.dataflow():
+            outputs = []
+            for name, kernel, values in (("first", first, weights), ("second", second, next_weights)):
+                gv = builder.add_func(_kernel(*kernel, name=name), name)
+                outputs.append(builder.emit(relax.call_tir(gv, (x, relax.const(values)),
+                                                           relax.TensorType((rows, F), "float32"))))
+            out = builder.emit_output(relax.Tuple(outputs))
+        builder.emit_func_output(out)
+    return builder.get()
+
+
+def test_a_kernel_prefetches_the_next_kernels_weights_that_each_of_its_threads_will_read(weights):
+    target = get_target("x86").tvm_target()
+    threads = int(target.attrs["num-cores"])
+    next_weights = np.random.default_rng(2).standard_normal(WEIGHT_SHAPE).astype(np.float32)
+    mod = _two_kernels(ROWS_TIMES_WEIGHTS, ROWS_TIMES_WEIGHTS, weights, next_weights)
+    rewritten, changed = prefetch.prefetch_weights(tvm.IRModule(dict(mod.functions)), target)
+    carrier = next(name for name in changed if name.startswith("first_"))
+    call_tir, called = tvm.ir.Op.get("relax.call_tir"), []
+    relax.analysis.post_order_visit(rewritten["main"].body, lambda expr: called.append(expr.args[0].name_hint) if (
+        isinstance(expr, relax.Call) and expr.op.same_as(call_tir)) else None)
+    assert called == [carrier, "second"]
+    assert [str(param) for param in rewritten[carrier].params] == ["x", "w", "next_weights", "update"]
+    # both kernels split the 4 output channel blocks (128 KB of weights each) over the threads the same way:
+    # what thread t of the first fetches is what thread t of the second reads
+    chunk = -(-4 // threads)
+    fetched: dict[int, set[int]] = {}
+    for (f, *_), lines in _prefetched_lines(rewritten[carrier], "next_weights").items():
+        fetched.setdefault(f // chunk, set()).update(lines)
+    block_lines = next_weights.nbytes // 4 // prefetch.LINE_BYTES
+    assert fetched == {t: set(range(t * chunk * block_lines, min(4, (t + 1) * chunk) * block_lines))
+                       for t in range(min(threads, 4))}
+
+    x = np.random.default_rng(1).standard_normal((ROWS_TIMES_WEIGHTS[0], K)).astype(np.float32)
+    vm = relax.VirtualMachine(pipeline.build(mod, target).executable, tvm.cpu())
+    first, second = vm["main"](tvm.runtime.tensor(x))
+    np.testing.assert_allclose(first.numpy(), _reference(x, weights), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(second.numpy(), _reference(x, next_weights), rtol=1e-5, atol=1e-4)
+
+
+def test_no_kernel_prefetches_the_next_ones_weights_inside_its_accumulation_loop_or_past_its_cache(weights,
+                                                                                                   monkeypatch):
+    target = get_target("x86").tvm_target()
+    one_loop = (4, "f0 r k0 k1 f3", K)  # the whole reduction in one loop: the accumulators' registers
+    assert prefetch.prefetch_weights(_two_kernels(one_loop, ROWS_TIMES_WEIGHTS, weights, weights), target)[1] == [
+        "second"]
+    monkeypatch.setattr(prefetch, "NEXT_FOOTPRINT_BYTES", weights.nbytes // 2)  # its own weights fill it
+    assert prefetch.prefetch_weights(_two_kernels(ROWS_TIMES_WEIGHTS, ROWS_TIMES_WEIGHTS, weights, weights),
+                                     target)[1] == ["first", "second"]

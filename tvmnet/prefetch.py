@@ -9,6 +9,15 @@ block of weights ahead into L2 while it computes on the current one (the next bl
 registers. V1's 1024->1024 convolution took 500 µs in the model without it and 389 µs with it, its
 512->1024 one 256 and 205 µs (bench/README.md, item 30).
 
+A kernel's own prefetches start a block ahead, so its first blocks still come from L3, and a kernel whose
+parallel iterations read the same block again (V2's 7x7 960->160 and 960->320 convolutions, seven pixel rows
+per block of 32 output channels) gets none. So each kernel with large weights also fetches the next such
+kernel's: each of its threads the part that the same thread of the next kernel reads, spread over the slots
+in front of its accumulation loop, as far as its own working set leaves room in L2
+(:data:`NEXT_FOOTPRINT_BYTES`). A copy of the kernel takes the next weights as one more argument. In V2's
+model order, its 960->160 convolutions took 44-54 µs against 54-61 without, its 960->320 one 101-103
+against 109-116; V2 and V3-Large ran about 1% faster, V2-0.5-160 2-3% (bench/README.md, item 46).
+
 The rewrite runs on scheduled TIR after the tuned records are applied, so tuning records and their
 workloads are unchanged: MetaSchedule measures each kernel alone, with its weights warm, where the prefetch
 neither helps nor hurts (338 against 336 µs for that convolution)."""
@@ -17,12 +26,13 @@ from __future__ import annotations
 
 import math
 import platform
+from dataclasses import dataclass
 
 import tvm
 from tvm import relax
 from tvm.sym.analyzer import Analyzer
 
-from .search_space import loops_and_blocks
+from .search_space import loops_and_blocks, row_bands
 
 LINE_BYTES = 64
 MIN_WEIGHT_BYTES = 256 * 1024
@@ -51,6 +61,9 @@ one step ahead, 161 at 2 KB ahead, 146 at 8 KB, 156 at 16 KB and 175 at 32 KB (b
 Every other kernel the shipped x86 logs prefetch reads 8 KB or more a step, and builds as before."""
 PREFETCH_TO_L2 = 2
 """``llvm.prefetch`` locality 2: ``prefetcht1`` on x86, into L2 and not L1, where the current block lives."""
+NEXT_FOOTPRINT_BYTES = 1280 * 1024
+"""A kernel prefetches the next kernel's weights only as far as its activations, its own weights (per thread)
+and those fit in this much of its core's L2 (2 MB on the CPU it was measured on)."""
 
 
 def applies_to(target: tvm.target.Target) -> bool:
@@ -74,7 +87,9 @@ def prefetch_weights(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.
         if not rewritten.same_as(func):
             mod.update_func(gv, rewritten)
             changed.append(gv.name_hint)
-    return mod, sorted(changed)
+    mod, copies = _prefetch_next_weights(mod, int(target.attrs.get("num-cores", 1)))
+    kept = {gv.name_hint for gv in mod.functions}
+    return mod, sorted([name for name in changed if name in kept] + copies)
 
 
 def _constant_arguments(mod: tvm.IRModule) -> dict[relax.GlobalVar, set[int]]:
@@ -116,15 +131,27 @@ def _bound(expr, values: dict) -> tvm.ir.expr.Expr:
     return analyzer.simplify(expr)
 
 
-def _prefetch_one(func: tvm.tirx.PrimFunc, weight) -> tvm.tirx.PrimFunc:
-    """``func`` with prefetches of ``weight`` in the first reduction block that reads it (``func`` itself
-    where the weight is small or the loop nest has no place for them)."""
+@dataclass(frozen=True)
+class _Nest:
+    """The loops around the first reduction block of a kernel that reads a weight, and what it reads there."""
+
+    loops: tuple
+    flat: tvm.ir.expr.Expr
+    """The element of the flattened weight read, in the loops' variables."""
+    reduce_loops: frozenset
+    """The ids of the loops the reduction runs over."""
+    load: tvm.ir.expr.Expr
+    first: int
+    """The position of the loop just inside the parallel one (0 without one)."""
+
+
+def _nest(func: tvm.tirx.PrimFunc, weight) -> _Nest | None:
+    """The nest of the first reduction block of ``func`` that reads ``weight``; None without one, or where its
+    loops have symbolic or mixed-type bounds (nothing this pass was measured on)."""
     if not hasattr(weight.ty, "shape"):
-        return func
-    itemsize = tvm.runtime.DataType(str(weight.ty.dtype)).itemsize
+        return None
     shape = [int(extent) for extent in weight.ty.shape]
-    if not MIN_WEIGHT_BYTES <= math.prod(shape) * itemsize < 2**31:  # the prefetch offset is an int32
-        return func
+    strides = [math.prod(shape[k + 1:]) for k in range(len(shape))]
     for realize, loops in loops_and_blocks(func.body):
         block = realize.block
         reduce_values = [value for iv, value in zip(block.iter_vars, realize.iter_values)
@@ -134,10 +161,33 @@ def _prefetch_one(func: tvm.tirx.PrimFunc, weight) -> tvm.tirx.PrimFunc:
             continue
         index_types = {str(bound.ty) for loop in loops for bound in (loop.min, loop.extent)}
         if len(index_types) > 1 or not all(isinstance(loop.extent, tvm.tirx.IntImm) for loop in loops):
-            return func  # symbolic or mixed-type loop bounds: nothing this pass was measured on
-        plan = _plan(loads[0], realize, reduce_values, loops, shape, itemsize)
-        return func if plan is None else func.with_body(_insert_before(func.body, *plan))
-    return func
+            return None
+        block_values = {iv.var: value for iv, value in zip(block.iter_vars, realize.iter_values)}
+        flat = _bound(sum(index * stride for index, stride in zip(loads[0].indices, strides)), block_values)
+        reduce_loops = frozenset(id(loop) for loop in loops
+                                 if any(_uses(value, loop.loop_var) for value in reduce_values))
+        first = next((k + 1 for k, loop in enumerate(loops) if loop.kind == tvm.tirx.ForKind.PARALLEL), 0)
+        return _Nest(tuple(loops), flat, reduce_loops, loads[0], first)
+    return None
+
+
+def _prefetch_one(func: tvm.tirx.PrimFunc, weight) -> tvm.tirx.PrimFunc:
+    """``func`` with prefetches of ``weight`` in the first reduction block that reads it (``func`` itself
+    where the weight is small or the loop nest has no place for them)."""
+    if not hasattr(weight.ty, "shape") or not MIN_WEIGHT_BYTES <= _bytes(weight) < 2**31:  # int32 offsets
+        return func
+    nest = _nest(func, weight)
+    plan = nest and _plan(nest, [int(extent) for extent in weight.ty.shape], _itemsize(weight))
+    return func.with_body(_insert_before(func.body, *plan)) if plan else func
+
+
+def _bytes(value) -> int:
+    """The size of a tensor-typed parameter or constant."""
+    return math.prod(int(extent) for extent in value.ty.shape) * _itemsize(value)
+
+
+def _itemsize(value) -> int:
+    return tvm.runtime.DataType(str(value.ty.dtype)).itemsize
 
 
 def _span(flat, loops, depth: int) -> int:
@@ -150,18 +200,34 @@ def _span(flat, loops, depth: int) -> int:
     return int(bound.max_value) - int(bound.min_value) + 1
 
 
-def _plan(load, realize, reduce_values, loops, shape: list[int], itemsize: int):
+def _step(nest: _Nest) -> int | None:
+    """The step loop: the outermost reduction loop inside the parallel one that moves through the weights."""
+    loops = nest.loops
+    step = next((k for k in range(nest.first, len(loops)) if id(loops[k]) in nest.reduce_loops
+                 and int(loops[k].extent) > 1 and _uses(nest.flat, loops[k].loop_var)), None)
+    return step if step is not None and loops[step].kind == tvm.tirx.ForKind.SERIAL else None
+
+
+def _front(nest: _Nest, step: int) -> int | None:
+    """Where prefetches go inside a step: in front of the accumulation loop (the innermost reduction loop)
+    and its unit-extent parents. Its accumulators stay in registers only if nothing inside it may write
+    memory; None where the step loop is that loop itself, or a loop between them is not serial."""
+    loops, reduce_loops = nest.loops, nest.reduce_loops
+    inner = [k for k in range(len(loops)) if id(loops[k]) in reduce_loops and int(loops[k].extent) > 1]
+    if inner[-1] <= step:
+        return None
+    front = inner[-1]
+    while front - 1 > step and (id(loops[front - 1]) in reduce_loops or int(loops[front - 1].extent) == 1):
+        front -= 1
+    return None if any(loop.kind != tvm.tirx.ForKind.SERIAL for loop in loops[step + 1:front]) else front
+
+
+def _plan(nest: _Nest, shape: list[int], itemsize: int):
     """(the loop to put the prefetches in front of, the prefetch statement), or None where the loop nest
     has no step that moves on through the weights without coming back to them."""
-    strides = [math.prod(shape[k + 1:]) for k in range(len(shape))]
-    block_values = {iv.var: value for iv, value in zip(realize.block.iter_vars, realize.iter_values)}
-    flat = _bound(sum(index * stride for index, stride in zip(load.indices, strides)), block_values)
-    reduce_loops = {id(loop) for loop in loops if any(_uses(value, loop.loop_var) for value in reduce_values)}
-    first = next((k + 1 for k, loop in enumerate(loops) if loop.kind == tvm.tirx.ForKind.PARALLEL), 0)
-    # the step loop: the outermost reduction loop inside the parallel one that moves through the weights
-    step = next((k for k in range(first, len(loops)) if id(loops[k]) in reduce_loops
-                 and int(loops[k].extent) > 1 and _uses(flat, loops[k].loop_var)), None)
-    if step is None or loops[step].kind != tvm.tirx.ForKind.SERIAL:
+    loops, flat, first = nest.loops, nest.flat, nest.first
+    step = _step(nest)
+    if step is None:
         return None
     # a loop around it that the weights do not depend on reads them again, from L2 after its first pass:
     # only that pass prefetches. A parallel loop whose iterations read the same weights (one output
@@ -169,17 +235,10 @@ def _plan(load, realize, reduce_values, loops, shape: list[int], itemsize: int):
     rereads = [loop for loop in loops[first:step] if int(loop.extent) > 1 and not _uses(flat, loop.loop_var)]
     if first and _span(flat, loops, first) * int(loops[first - 1].extent) > math.prod(shape):
         return None
-    # the accumulation loop: the innermost reduction loop; its accumulators stay in registers only if
-    # nothing inside it may write memory, so the prefetches go in front of it and its unit-extent parents
-    inner = [k for k in range(len(loops)) if id(loops[k]) in reduce_loops and int(loops[k].extent) > 1]
-    if inner[-1] <= step:
+    front = _front(nest, step)
+    if front is None:
         return None
-    front = inner[-1]
-    while front - 1 > step and (id(loops[front - 1]) in reduce_loops or int(loops[front - 1].extent) == 1):
-        front -= 1
     slot_loops = loops[step + 1:front]
-    if any(loop.kind != tvm.tirx.ForKind.SERIAL for loop in slot_loops):
-        return None
     step_loop = loops[step]
     span = _span(flat, loops, step + 1) * itemsize  # the weights one step reads
     if span > MAX_BLOCK_BYTES:
@@ -207,7 +266,7 @@ def _plan(load, realize, reduce_values, loops, shape: list[int], itemsize: int):
     # multi-dimensional index would cost a division per dimension
     address = tvm.tirx.call_intrin(
         "handle", "tirx.handle_add_byte_offset",
-        tvm.tirx.address_of(tvm.tirx.BufferLoad(load.source, [tvm.tirx.const(0, index_type)] * len(shape))),
+        tvm.tirx.address_of(tvm.tirx.BufferLoad(nest.load.source, [tvm.tirx.const(0, index_type)] * len(shape))),
         ((next_block + position * (LINE_BYTES // itemsize)) * itemsize).astype("int32"))
     prefetch = tvm.tirx.Evaluate(tvm.tirx.call_intrin("void", "tirx.prefetch", address, 0, PREFETCH_TO_L2, 1))
     in_range = tvm.tirx.And(position < lines, step_loop.loop_var + ahead < step_loop.min + step_loop.extent)
@@ -237,3 +296,136 @@ def _insert_before(stmt, loop_var, statement):
         return tvm.tirx.IfThenElse(stmt.condition, _insert_before(stmt.then_case, loop_var, statement),
                                    stmt.else_case and _insert_before(stmt.else_case, loop_var, statement))
     return stmt
+
+
+def _thread_ranges(func: tvm.tirx.PrimFunc, weight, threads: int) -> list[tuple[int, int]] | None:
+    """The elements of ``weight`` (first, past the last) that each thread running ``func`` reads: TVM's CPU
+    runtime gives each thread one band of its parallel loop (:func:`row_bands`)."""
+    nest = _nest(func, weight)
+    if nest is None or not nest.first:
+        return None
+    loops, parallel = nest.loops, nest.loops[nest.first - 1]
+    analyzer = Analyzer()
+    for loop in loops[nest.first:]:
+        analyzer.bind(loop.loop_var, tvm.ir.Range.from_min_extent(loop.min, loop.extent))
+    outer = {loop.loop_var: loop.min for loop in loops[:nest.first - 1]}
+    reads = []
+    for iteration in range(int(parallel.extent)):
+        bound = analyzer.const_int_bound(_bound(nest.flat, {**outer, parallel.loop_var: parallel.min + iteration}))
+        reads.append((int(bound.min_value), int(bound.max_value) + 1))
+    return [(min(lo for lo, _ in reads[a:b + 1]), max(hi for _, hi in reads[a:b + 1]))
+            for a, b in filter(None, row_bands(len(reads), threads))]
+
+
+def _next_weights_plan(nest: _Nest, next_weight, ranges: list[tuple[int, int]], room: int):
+    """(the loop to put them in front of, the prefetches) that make thread t of a kernel fetch, spread over
+    the slots in front of its accumulation loop, up to ``room`` elements of ``ranges[t]`` of ``next_weight``;
+    None where the kernel has no such slots."""
+    loops, first = nest.loops, nest.first
+    step = _step(nest)
+    front = None if step is None or not first else _front(nest, step)
+    if front is None:
+        return None
+    elements_per_line = LINE_BYTES // _itemsize(next_weight)
+    lines = min(math.ceil(min(hi - lo, room) / elements_per_line) for lo, hi in ranges)
+    parallel = loops[first - 1]
+    chunk = math.ceil(int(parallel.extent) / len(ranges))
+    slots = chunk * math.prod(int(loop.extent) for loop in loops[first:front])  # per thread
+    per_slot = math.ceil(lines / slots) if lines > 0 else 0
+    lanes = math.prod(int(loop.extent) for loop in loops[front:])
+    between = any(int(loop.extent) > 1 for loop in loops[step + 1:front])
+    if not per_slot or lanes < MIN_LANES_PER_LINE * per_slot or (between and lanes < MIN_LANES_BETWEEN_SLOTS):
+        return None
+    index_type, shape = str(parallel.extent.ty), next_weight.ty.shape
+    thread = (parallel.loop_var - parallel.min) // chunk
+    slot = parallel.loop_var - parallel.min - thread * chunk  # this thread's slots, counted in loop order
+    for loop in loops[first:front]:
+        slot = slot * loop.extent + (loop.loop_var - loop.min)
+    start = tvm.tirx.const(ranges[-1][0], index_type)
+    for t in reversed(range(len(ranges) - 1)):
+        start = tvm.tirx.Select(thread == t, tvm.tirx.const(ranges[t][0], index_type), start)
+    line = tvm.tirx.Var("prefetch_line", index_type)
+    position = slot * per_slot + line
+    address = tvm.tirx.call_intrin(
+        "handle", "tirx.handle_add_byte_offset",
+        tvm.tirx.address_of(tvm.tirx.BufferLoad(next_weight, [tvm.tirx.const(0, index_type)] * len(shape))),
+        ((start + position * elements_per_line) * _itemsize(next_weight)).astype("int32"))
+    prefetch = tvm.tirx.Evaluate(tvm.tirx.call_intrin("void", "tirx.prefetch", address, 0, PREFETCH_TO_L2, 1))
+    statement = tvm.tirx.For(line, tvm.tirx.const(0, index_type), tvm.tirx.const(per_slot, index_type),
+                             tvm.tirx.ForKind.SERIAL, tvm.tirx.IfThenElse(position < lines, prefetch, None))
+    return loops[front].loop_var, statement
+
+
+def _calls_with_weights(mod: tvm.IRModule) -> list[tuple[relax.Call, int]]:
+    """The kernel calls in ``main``, in order, that pass a constant of MIN_WEIGHT_BYTES or more, each with the
+    position of its largest constant argument."""
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    found = []
+
+    def visit(expr: relax.Expr) -> None:
+        if (isinstance(expr, relax.Call) and expr.op.same_as(call_tir) and isinstance(expr.args[1], relax.Tuple)
+                and isinstance(mod[expr.args[0]], tvm.tirx.PrimFunc)):
+            sizes = {i: _bytes(arg) for i, arg in enumerate(expr.args[1].fields)
+                     if isinstance(arg, tvm.ir.expr.Constant) and hasattr(arg.ty, "shape")}
+            largest = max(sizes, key=sizes.get, default=None)
+            if largest is not None and sizes[largest] >= MIN_WEIGHT_BYTES:
+                found.append((expr, largest))
+
+    relax.analysis.post_order_visit(mod["main"].body, visit)
+    return found
+
+
+def _with_next_weights(func: tvm.tirx.PrimFunc, call: relax.Call, own: int, following: tvm.tirx.PrimFunc,
+                       theirs: int, threads: int) -> tvm.tirx.PrimFunc | None:
+    """``func`` taking the next kernel's weights as one more input, after its own, and prefetching what each of
+    its threads will read there, as much as NEXT_FOOTPRINT_BYTES leaves room for; None where it cannot."""
+    ranges = _thread_ranges(following, following.params[theirs], threads)
+    own_ranges = _thread_ranges(func, func.params[own], threads)
+    nest = _nest(func, func.params[own])
+    if not ranges or not own_ranges or nest is None or len(ranges) != len(own_ranges):
+        return None
+    inputs = len(call.args[1].fields)
+    constants = {i for i, arg in enumerate(call.args[1].fields) if isinstance(arg, tvm.ir.expr.Constant)}
+    activations = sum(_bytes(param) for i, param in enumerate(func.params)
+                      if i not in constants and hasattr(param.ty, "shape"))
+    own_bytes = max(hi - lo for lo, hi in own_ranges) * _itemsize(func.params[own])
+    next_weight = tvm.ir.expr.Var("next_weights", following.params[theirs].ty)
+    room = (NEXT_FOOTPRINT_BYTES - activations - own_bytes) // _itemsize(next_weight)
+    plan = _next_weights_plan(nest, next_weight, ranges, room) if room > 0 else None
+    if plan is None:
+        return None
+    params = [*func.params[:inputs], next_weight, *func.params[inputs:]]
+    return tvm.tirx.PrimFunc(params, _insert_before(func.body, *plan), func.ret_type, func.attrs)
+
+
+def _prefetch_next_weights(mod: tvm.IRModule, threads: int) -> tuple[tvm.IRModule, list[str]]:
+    """``mod`` where each kernel call with large weights, where it can, also prefetches the next such call's
+    weights (a copy of its kernel taking them as an extra argument), and the names of those copies."""
+    calls = _calls_with_weights(mod)
+    builder = relax.BlockBuilder(mod)
+    copies: dict[tuple[str, str, int], relax.GlobalVar | None] = {}
+    rewrites: list[tuple[relax.Call, relax.GlobalVar, relax.Expr]] = []
+    for (call, own), (following, theirs) in zip(calls, calls[1:]):
+        key = (call.args[0].name_hint, following.args[0].name_hint, theirs)
+        if key not in copies:
+            func = _with_next_weights(mod[call.args[0]], call, own, mod[following.args[0]], theirs, threads)
+            copies[key] = func and builder.add_func(func, f"{key[0]}_next{len(copies)}")
+        if copies[key] is not None:
+            rewrites.append((call, copies[key], following.args[1].fields[theirs]))
+    if not rewrites:
+        return mod, []
+
+    @relax.expr_functor.mutator
+    class PassNextWeights(relax.PyExprMutator):
+        def visit_call_(self, call: relax.Call) -> relax.Expr:
+            for original, copy, weights in rewrites:
+                if original.same_as(call):
+                    fields = [*call.args[1].fields, weights]
+                    return relax.Call(call.op, [copy, relax.Tuple(fields), *call.args[2:]], call.attrs, call.ty_args)
+            return super().visit_call_(call)
+
+    mutator = PassNextWeights(builder.get())
+    main = mutator.builder_.get().get_global_var("main")
+    mutator.builder_.update_func(main, mutator.visit_expr(mutator.builder_.get()[main]))
+    rewritten = relax.transform.DeadCodeElimination()(mutator.builder_.get())  # the kernels no call uses now
+    return rewritten, sorted({copy.name_hint for _, copy, _ in rewrites})
