@@ -213,6 +213,7 @@ def test_a_kernel_prefetches_the_next_kernels_weights_that_each_of_its_threads_w
     relax.analysis.post_order_visit(rewritten["main"].body, lambda expr: called.append(expr.args[0].name_hint) if (
         isinstance(expr, relax.Call) and expr.op.same_as(call_tir)) else None)
     assert called == [carrier, "second"]
+    assert pipeline.fused_name(carrier) == "first"  # the task a per-kernel profile joins it to
     assert [str(param) for param in rewritten[carrier].params] == ["x", "w", "next_weights", "update"]
     # both kernels split the 4 output channel blocks (128 KB of weights each) over the threads the same way:
     # what thread t of the first fetches is what thread t of the second reads

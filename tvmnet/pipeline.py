@@ -22,7 +22,7 @@ import tvm
 from tvm import relax
 
 from .manifest import TVM_ALIGNMENT
-from .prefetch import prefetch_weights
+from .prefetch import copied_from, prefetch_weights
 from .search_space import MIN_SPLIT_ROWS
 
 GPU_DEVICES = ("cuda", "opencl")
@@ -186,7 +186,7 @@ PREPACKED_SUFFIX = "_prepacked"
 
 def fused_name(kernel: str) -> str:
     """The fused function (a tuning task's name) a kernel of the built module comes from."""
-    return kernel.removesuffix(PREPACKED_SUFFIX)
+    return copied_from(kernel).removesuffix(PREPACKED_SUFFIX)
 
 
 def _static_dims(shape: relax.Expr) -> list[int] | None:

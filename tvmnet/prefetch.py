@@ -61,9 +61,17 @@ one step ahead, 161 at 2 KB ahead, 146 at 8 KB, 156 at 16 KB and 175 at 32 KB (b
 Every other kernel the shipped x86 logs prefetch reads 8 KB or more a step, and builds as before."""
 PREFETCH_TO_L2 = 2
 """``llvm.prefetch`` locality 2: ``prefetcht1`` on x86, into L2 and not L1, where the current block lives."""
+COPY_SUFFIX = "_next"
+"""A kernel copied to prefetch the next kernel's weights is named ``<kernel>_next<n>``."""
 NEXT_FOOTPRINT_BYTES = 1280 * 1024
 """A kernel prefetches the next kernel's weights only as far as its activations, its own weights (per thread)
 and those fit in this much of its core's L2 (2 MB on the CPU it was measured on)."""
+
+
+def copied_from(kernel: str) -> str:
+    """The kernel a copy made by this pass came from (``kernel`` itself for any other)."""
+    original, _, number = kernel.rpartition(COPY_SUFFIX)
+    return original if original and number.isdigit() else kernel
 
 
 def applies_to(target: tvm.target.Target) -> bool:
@@ -409,7 +417,7 @@ def _prefetch_next_weights(mod: tvm.IRModule, threads: int) -> tuple[tvm.IRModul
         key = (call.args[0].name_hint, following.args[0].name_hint, theirs)
         if key not in copies:
             func = _with_next_weights(mod[call.args[0]], call, own, mod[following.args[0]], theirs, threads)
-            copies[key] = func and builder.add_func(func, f"{key[0]}_next{len(copies)}")
+            copies[key] = func and builder.add_func(func, f"{key[0]}{COPY_SUFFIX}{len(copies)}")
         if copies[key] is not None:
             rewrites.append((call, copies[key], following.args[1].fields[theirs]))
     if not rewrites:
