@@ -14,7 +14,7 @@ from tvm.s_tir import Schedule
 from tvm.sym.analyzer import Analyzer
 
 from tvmnet import pipeline, prefetch
-from tvmnet.search_space import loops_and_blocks
+from tvmnet.search_space import loops_and_blocks, row_bands
 from tvmnet.targets import get_target
 
 ROWS, K, F = 4, 512, 256
@@ -215,15 +215,16 @@ def test_a_kernel_prefetches_the_next_kernels_weights_that_each_of_its_threads_w
     assert called == [carrier, "second"]
     assert pipeline.fused_name(carrier) == "first"  # the task a per-kernel profile joins it to
     assert [str(param) for param in rewritten[carrier].params] == ["x", "w", "next_weights", "update"]
-    # both kernels split the 4 output channel blocks (128 KB of weights each) over the threads the same way:
+    # both kernels split the 4 output channel blocks (128 KB of weights each) over the threads in TVM's bands:
     # what thread t of the first fetches is what thread t of the second reads
-    chunk = -(-4 // threads)
+    bands = list(filter(None, row_bands(4, threads)))
+    thread_of = {f: t for t, (first, last) in enumerate(bands) for f in range(first, last + 1)}
     fetched: dict[int, set[int]] = {}
     for (f, *_), lines in _prefetched_lines(rewritten[carrier], "next_weights").items():
-        fetched.setdefault(f // chunk, set()).update(lines)
+        fetched.setdefault(thread_of[f], set()).update(lines)
     block_lines = next_weights.nbytes // 4 // prefetch.LINE_BYTES
-    assert fetched == {t: set(range(t * chunk * block_lines, min(4, (t + 1) * chunk) * block_lines))
-                       for t in range(min(threads, 4))}
+    assert fetched == {t: set(range(first * block_lines, (last + 1) * block_lines))
+                       for t, (first, last) in enumerate(bands)}
 
     x = np.random.default_rng(1).standard_normal((ROWS_TIMES_WEIGHTS[0], K)).astype(np.float32)
     vm = relax.VirtualMachine(pipeline.build(mod, target).executable, tvm.cpu())

@@ -332,10 +332,10 @@ def _thread_ranges(func: tvm.tirx.PrimFunc, weight, threads: int) -> list[tuple[
             for a, b in filter(None, row_bands(len(reads), threads))]
 
 
-def _next_weights_plan(nest: _Nest, next_weight, ranges: list[tuple[int, int]], room: int):
+def _next_weights_plan(nest: _Nest, next_weight, ranges: list[tuple[int, int]], room: int, threads: int):
     """(the loop to put them in front of, the prefetches) that make thread t of a kernel fetch, spread over
-    the slots in front of its accumulation loop, up to ``room`` elements of ``ranges[t]`` of ``next_weight``;
-    None where the kernel has no such slots."""
+    the slots in front of its accumulation loop, up to ``room`` elements of ``ranges[t]`` of ``next_weight``
+    (nothing for a thread past the last range); None where the kernel has no such slots."""
     loops, first = nest.loops, nest.first
     step = _step(nest)
     front = None if step is None or not first else _front(nest, step)
@@ -344,7 +344,7 @@ def _next_weights_plan(nest: _Nest, next_weight, ranges: list[tuple[int, int]], 
     elements_per_line = LINE_BYTES // _itemsize(next_weight)
     lines = min(math.ceil(min(hi - lo, room) / elements_per_line) for lo, hi in ranges)
     parallel = loops[first - 1]
-    chunk = math.ceil(int(parallel.extent) / len(ranges))
+    chunk = math.ceil(int(parallel.extent) / threads)  # TVM's iterations per thread (row_bands)
     slots = chunk * math.prod(int(loop.extent) for loop in loops[first:front])  # per thread
     per_slot = math.ceil(lines / slots) if lines > 0 else 0
     lanes = math.prod(int(loop.extent) for loop in loops[front:])
@@ -361,8 +361,11 @@ def _next_weights_plan(nest: _Nest, next_weight, ranges: list[tuple[int, int]], 
         start = tvm.tirx.Select(thread == t, tvm.tirx.const(ranges[t][0], index_type), start)
     line = tvm.tirx.Var("prefetch_line", index_type)
     position = slot * per_slot + line
+    due = position < lines
+    if len(ranges) < threads:
+        due = tvm.tirx.And(thread < len(ranges), due)
     return loops[front].loop_var, _prefetch_loop(next_weight, start + position * elements_per_line,
-                                                 _itemsize(next_weight), line, per_slot, position < lines)
+                                                 _itemsize(next_weight), line, per_slot, due)
 
 
 def _calls_with_weights(mod: tvm.IRModule) -> list[tuple[relax.Call, int]]:
@@ -391,7 +394,7 @@ def _with_next_weights(func: tvm.tirx.PrimFunc, call: relax.Call, own: int, foll
     ranges = _thread_ranges(following, following.params[theirs], threads)
     own_ranges = _thread_ranges(func, func.params[own], threads)
     nest = _nest(func, func.params[own])
-    if not ranges or not own_ranges or nest is None or len(ranges) != len(own_ranges):
+    if not ranges or not own_ranges or nest is None:
         return None
     inputs = len(call.args[1].fields)
     constants = {i for i, arg in enumerate(call.args[1].fields) if isinstance(arg, tvm.ir.expr.Constant)}
@@ -400,7 +403,7 @@ def _with_next_weights(func: tvm.tirx.PrimFunc, call: relax.Call, own: int, foll
     own_bytes = max(hi - lo for lo, hi in own_ranges) * _itemsize(func.params[own])
     next_weight = tvm.ir.expr.Var("next_weights", following.params[theirs].ty)
     room = (NEXT_FOOTPRINT_BYTES - activations - own_bytes) // _itemsize(next_weight)
-    plan = _next_weights_plan(nest, next_weight, ranges, room) if room > 0 else None
+    plan = _next_weights_plan(nest, next_weight, ranges, room, threads) if room > 0 else None
     if plan is None:
         return None
     params = [*func.params[:inputs], next_weight, *func.params[inputs:]]
