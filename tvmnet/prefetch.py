@@ -180,10 +180,16 @@ def _nest(func: tvm.tirx.PrimFunc, weight) -> _Nest | None:
     return None
 
 
+def _prefetchable(weight) -> bool:
+    """Whether ``weight`` (a parameter or a constant) is worth prefetching: MIN_WEIGHT_BYTES or more, and
+    under 2 GB, since the prefetch addresses are int32 element offsets."""
+    return hasattr(weight.ty, "shape") and MIN_WEIGHT_BYTES <= _bytes(weight) < 2**31
+
+
 def _prefetch_one(func: tvm.tirx.PrimFunc, weight) -> tvm.tirx.PrimFunc:
     """``func`` with prefetches of ``weight`` in the first reduction block that reads it (``func`` itself
     where the weight is small or the loop nest has no place for them)."""
-    if not hasattr(weight.ty, "shape") or not MIN_WEIGHT_BYTES <= _bytes(weight) < 2**31:  # int32 offsets
+    if not _prefetchable(weight):
         return func
     nest = _nest(func, weight)
     plan = nest and _plan(nest, [int(extent) for extent in weight.ty.shape], _itemsize(weight))
@@ -369,8 +375,8 @@ def _next_weights_plan(nest: _Nest, next_weight, ranges: list[tuple[int, int]], 
 
 
 def _calls_with_weights(mod: tvm.IRModule) -> list[tuple[relax.Call, int]]:
-    """The kernel calls in ``main``, in order, that pass a constant of MIN_WEIGHT_BYTES or more, each with the
-    position of its largest constant argument."""
+    """The kernel calls in ``main``, in order, whose largest constant argument is :func:`_prefetchable`, each
+    with that argument's position."""
     call_tir = tvm.ir.Op.get("relax.call_tir")
     found = []
 
@@ -380,7 +386,7 @@ def _calls_with_weights(mod: tvm.IRModule) -> list[tuple[relax.Call, int]]:
             sizes = {i: _bytes(arg) for i, arg in enumerate(expr.args[1].fields)
                      if isinstance(arg, tvm.ir.expr.Constant) and hasattr(arg.ty, "shape")}
             largest = max(sizes, key=sizes.get, default=None)
-            if largest is not None and sizes[largest] >= MIN_WEIGHT_BYTES:
+            if largest is not None and _prefetchable(expr.args[1].fields[largest]):
                 found.append((expr, largest))
 
     relax.analysis.post_order_visit(mod["main"].body, visit)
