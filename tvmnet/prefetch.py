@@ -65,8 +65,9 @@ COPY_SUFFIX = "_next"
 """A kernel copied to prefetch the next kernel's weights is named ``<kernel>_next<n>``."""
 NEXT_FOOTPRINT_BYTES = 1280 * 1024
 """A kernel prefetches the next kernel's weights only as far as its activations, its own weights (per thread)
-and those fit in this much of its core's L2. Set on the one CPU it was measured on (2 MB of L2 per core); with
-1.5 MB and no room for activations, V1's 14x14 256->512 convolution took 392 against 309 µs alone."""
+and those fit in this much of its core's L2. Set on the CPU it was measured on (2 MB of L2 per core); with
+1.5 MB and no room for activations, V1's 14x14 256->512 convolution took 392 against 309 µs alone. On a Zen 4
+with 1 MB of L2, V2 built with 640 KB ran as fast as with this (bench/README.md item 47)."""
 
 
 def copied_from(kernel: str) -> str:
