@@ -320,10 +320,10 @@ def _insert_before(stmt, loop_var, statement):
     return stmt
 
 
-def _thread_ranges(func: tvm.tirx.PrimFunc, weight, threads: int) -> list[tuple[int, int]] | None:
-    """The elements of ``weight`` (first, past the last) that each thread running ``func`` reads: TVM's CPU
-    runtime gives each thread one band of its parallel loop (:func:`row_bands`)."""
-    nest = _nest(func, weight)
+def _thread_ranges(nest: _Nest | None, threads: int) -> list[tuple[int, int]] | None:
+    """The elements of a kernel's weights (first, past the last) that each of its threads reads, ``nest`` being
+    :func:`_nest` of the kernel and those weights: TVM's CPU runtime gives each thread one band of its parallel
+    loop (:func:`row_bands`)."""
     if nest is None or not nest.first:
         return None
     loops, parallel = nest.loops, nest.loops[nest.first - 1]
@@ -398,10 +398,10 @@ def _with_next_weights(func: tvm.tirx.PrimFunc, call: relax.Call, own: int, foll
                        theirs: int, threads: int) -> tvm.tirx.PrimFunc | None:
     """``func`` taking the next kernel's weights as one more input, after its own, and prefetching what each of
     its threads will read there, as much as NEXT_FOOTPRINT_BYTES leaves room for; None where it cannot."""
-    ranges = _thread_ranges(following, following.params[theirs], threads)
-    own_ranges = _thread_ranges(func, func.params[own], threads)
+    ranges = _thread_ranges(_nest(following, following.params[theirs]), threads)
     nest = _nest(func, func.params[own])
-    if not ranges or not own_ranges or nest is None:
+    own_ranges = _thread_ranges(nest, threads)
+    if not ranges or not own_ranges:
         return None
     inputs = len(call.args[1].fields)
     constants = {i for i, arg in enumerate(call.args[1].fields) if isinstance(arg, tvm.ir.expr.Constant)}
