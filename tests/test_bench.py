@@ -171,6 +171,37 @@ def test_kernels_alone_replays_every_kernel_call(tiny_v2_artifact):
         assert float(in_order) > 0 and float(alone) > 0 and not symbol.startswith("vm.builtin"), row
 
 
+@pytest.mark.timeout(180)
+def test_builds_ab_times_both_load_orders_and_checks_outputs(tiny_v2_artifact, tmp_path):
+    """bench/builds_ab.py on one build against itself: both load orders timed, every block counted, both
+    builds checked against onnxruntime, and no verdict for a build over itself beyond what noise allows."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "builds_ab.py"), str(tiny_v2_artifact),
+                           str(tiny_v2_artifact), "--blocks", "6", "--runs", "3", "--results-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=170, cwd=REPO,
+                          env={**os.environ, "TVM_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (written,) = tmp_path.glob("builds-ab-*.json")
+    result = json.loads(written.read_text())
+    assert [o["loaded_first"] for o in result["orders"]] == ["new", "old"]
+    for order in result["orders"]:
+        low, high = order["interval"]
+        assert low <= order["new_over_old"] <= high and 0.5 < order["new_over_old"] < 2.0
+        assert order["blocks"] == 6 and 0 <= order["new_won"] <= 6
+        assert max(order["max_abs_error"].values()) < 1e-3
+    assert result["verdict"] in proc.stdout and (tmp_path / written.name.replace(".json", ".md")).is_file()
+
+
+@pytest.mark.parametrize("intervals, verdict", [([(0.95, 0.99), (0.96, 0.99)], "new faster"),
+                                                ([(1.01, 1.04), (1.02, 1.03)], "old faster"),
+                                                ([(0.95, 0.99), (0.98, 1.02)], "undecided")])
+def test_builds_ab_verdict_needs_both_load_orders(intervals, verdict, monkeypatch):
+    """Items 46-47 of bench/README.md: one pair read 0.989 in one load order and 1.093 in the other."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from builds_ab import verdict as builds_verdict
+
+    assert builds_verdict([{"interval": list(pair)} for pair in intervals]).startswith(verdict)
+
+
 @pytest.mark.timeout(360)
 def test_separable_fusion_probe_matches_numpy(tiny_v2_artifact):
     """bench/separable_fusion.py's hand-fused kernels for V2-0.25's pairs, both kinds (a depthwise and the
