@@ -43,15 +43,12 @@ from tvm.s_tir import Schedule
 
 import tvmnet
 from tvmnet import pipeline
+from tvmnet.expand_fusion import TILE, define_expand, schedule_expand, vector_lanes, vectors_per_tile
 from tvmnet.targets import get_target
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import timed_calls  # noqa: E402 - the bench scripts share compare.py's helpers
 from kernels_alone import capture_calls, replay_in_order  # noqa: E402
-
-
-def _relu6(x):
-    return te.min(te.max(x, 0.0), 6.0)
 
 
 def define(height: int, width: int, channels: int, outputs: int, stride: int) -> tvm.tirx.PrimFunc:
@@ -76,33 +73,6 @@ def define(height: int, width: int, channels: int, outputs: int, stride: int) ->
     return te.create_prim_func([data, dw_weight, dw_bias, pw_weight, pw_bias, out])
 
 
-def define_expand(height: int, width: int, inputs: int, channels: int, stride: int) -> tvm.tirx.PrimFunc:
-    """NHWC 1x1 from ``inputs`` to ``channels`` + bias + ReLU6, then depthwise 3x3 (pad 1, ``stride``) + bias +
-    ReLU6. The 1x1 runs over the padded grid and its epilogue zeroes the border, so the taps need no bounds checks
-    and the epilogue stays in the 1x1's register tile."""
-    out_h, out_w = height // stride, width // stride
-    data = te.placeholder((1, height, width, inputs), name="data")
-    pw_weight = te.placeholder((inputs, channels), name="pw_weight")
-    pw_bias = te.placeholder((channels,), name="pw_bias")
-    dw_weight = te.placeholder((3, 3, channels), name="dw_weight")
-    dw_bias = te.placeholder((channels,), name="dw_bias")
-
-    def inside(h, w):
-        return tvm.tirx.all(h >= 1, h <= height, w >= 1, w <= width)
-
-    pad = te.compute((1, height + 2, width + 2, inputs),
-                     lambda n, h, w, c: tvm.tirx.if_then_else(inside(h, w), data[n, h - 1, w - 1, c], 0.0), name="pad")
-    rc = te.reduce_axis((0, inputs), "rc")
-    pw = te.compute((1, height + 2, width + 2, channels),
-                    lambda n, h, w, c: te.sum(pad[n, h, w, rc] * pw_weight[rc, c], axis=rc), name="pw")
-    mid = te.compute((1, height + 2, width + 2, channels), lambda n, h, w, c: tvm.tirx.if_then_else(
-        inside(h, w), _relu6(pw[n, h, w, c] + pw_bias[c]), 0.0), name="mid")
-    out = te.compute((1, out_h, out_w, channels), lambda n, h, w, c: _relu6(sum(
-        mid[n, h * stride + ry, w * stride + rx, c] * dw_weight[ry, rx, c] for ry in range(3) for rx in range(3))
-        + dw_bias[c]), name="out")
-    return te.create_prim_func([data, pw_weight, pw_bias, dw_weight, dw_bias, out])
-
-
 def _fuse_pair(sch: Schedule, rows, width_tile, out_blocks, vector: int) -> None:
     """Parallel over tiles of ``rows`` output rows; per tile, the padded input rows, then the depthwise output
     (vectorized over channels), then the pointwise one in register tiles of ``width_tile`` pixels by ``vector``
@@ -125,37 +95,6 @@ def _fuse_pair(sch: Schedule, rows, width_tile, out_blocks, vector: int) -> None
     sch.vectorize(sch.get_loops(pad)[-1])
 
 
-def _fuse_expand(sch: Schedule, rows, pw_width, pw_blocks, dw_width) -> None:
-    """Parallel over bands of ``rows`` output rows; per band, the padded input rows and the 1x1 over the rows
-    the band's taps read, in register tiles of ``pw_width`` pixels by ``pw_blocks`` vectors of channels with
-    the epilogue inside the tile, then the depthwise in tiles of ``dw_width`` pixels by one vector. The sizes
-    are ints or sampled variables."""
-    out, mid, pw, pad = (sch.get_sblock(name) for name in ("out", "mid", "pw", "pad"))
-    n, h, w, c = sch.get_loops(out)
-    vector = _vector(int(sch.get(c).extent))
-    h0, h1 = sch.split(h, [None, rows])
-    w0, w1 = sch.split(w, [None, dw_width])
-    c0, c1 = sch.split(c, [None, vector])
-    sch.reorder(h0, h1, w0, c0, w1, c1)
-    sch.parallel(sch.fuse(n, h0))
-    sch.unroll(w1)
-    sch.vectorize(c1)
-    band = sch.get_loops(out)[0]
-    for block in (mid, pw, pad):
-        sch.compute_at(block, band)
-    _band, ph, pw_w, pc, prc = sch.get_loops(pw)
-    pw_w0, pw_w1 = sch.split(pw_w, [None, pw_width])
-    pc0, pc1, pc2 = sch.split(pc, [None, pw_blocks, vector])
-    sch.reorder(ph, pw_w0, pc0, prc, pw_w1, pc1, pc2)
-    sch.unroll(pw_w1)
-    sch.unroll(pc1)
-    sch.vectorize(pc2)
-    sch.reverse_compute_at(mid, pc0)
-    sch.decompose_reduction(pw, prc)
-    sch.vectorize(sch.get_loops(mid)[-1])
-    sch.vectorize(sch.get_loops(pad)[-1])
-
-
 def _divisor(sch: Schedule, extent: int, low: int, high: int):
     """A tile size drawn from the divisors of ``extent`` in [low, high] (``extent`` itself when there are none)."""
     options = [f for f in range(low, high + 1) if extent % f == 0] or [extent]
@@ -166,7 +105,7 @@ def _sampled_tiles(sch: Schedule) -> None:
     """The separable structure with each tile size drawn from the divisors of its loop (rows and pixels 2-8, so
     that no loop of extent 1 changes the loop nest between candidates): the space ``--trials`` searches."""
     _n, h, w, k, _rc = (int(sch.get(loop).extent) for loop in sch.get_loops(sch.get_sblock("pw")))
-    vector = _vector(k)
+    vector = vector_lanes(k)
     _fuse_pair(sch, _divisor(sch, h, 2, 8), _divisor(sch, w, 2, 8), _divisor(sch, k // vector, 1, 8), vector)
 
 
@@ -175,8 +114,8 @@ def _sampled_expand_tiles(sch: Schedule) -> None:
     vectors (at most 24 accumulators), depthwise tiles of 2-8 pixels."""
     _n, h, w, c = (int(sch.get(loop).extent) for loop in sch.get_loops(sch.get_sblock("out")))
     padded_width = int(sch.get(sch.get_loops(sch.get_sblock("pw"))[2]).extent)
-    _fuse_expand(sch, _divisor(sch, h, 2, 8), _divisor(sch, padded_width, 2, 8),
-                 _divisor(sch, c // _vector(c), 1, 3), _divisor(sch, w, 2, 8))
+    schedule_expand(sch, _divisor(sch, h, 2, 8), _divisor(sch, padded_width, 2, 8),
+                    _divisor(sch, c // vector_lanes(c), 1, 3), _divisor(sch, w, 2, 8))
 
 
 @dataclass(frozen=True)
@@ -211,21 +150,17 @@ def reference_expand(data, pw_weight, pw_bias, dw_weight, dw_bias, stride: int) 
     return np.clip(_depthwise_reference(expanded, dw_weight, stride) + dw_bias, 0, 6)
 
 
-def _vector(channels: int) -> int:
-    return 16 if channels % 16 == 0 else 8
-
-
 SEPARABLE = Fusion(
     "depthwise+pointwise", define,
     lambda sch, rows, width, vector, out_tile: _fuse_pair(sch, rows, width, out_tile // vector, vector),
     _sampled_tiles, reference,
     lambda channels, outputs: [(3, 3, channels), (channels,), (channels, outputs), (outputs,)],
-    lambda channels, outputs: [2, 4, _vector(outputs), 64 if outputs % 64 == 0 else outputs],
+    lambda channels, outputs: [2, 4, vector_lanes(outputs), 64 if outputs % 64 == 0 else outputs],
     "ROWS W KV KT: rows per parallel task, pixels x vector lanes per register tile, output channels per pass")
 EXPAND = Fusion(
-    "pointwise+depthwise", define_expand, _fuse_expand, _sampled_expand_tiles, reference_expand,
+    "pointwise+depthwise", define_expand, schedule_expand, _sampled_expand_tiles, reference_expand,
     lambda inputs, channels: [(inputs, channels), (channels,), (3, 3, channels), (channels,)],
-    lambda inputs, channels: [4, 6, 2 if channels % 32 == 0 else 1, 7],
+    lambda inputs, channels: [TILE[0], TILE[1], vectors_per_tile(channels), TILE[2]],
     "ROWS PW CV DW: output rows per band, 1x1 tile pixels and vectors, depthwise tile pixels")
 
 

@@ -161,6 +161,9 @@ def compile(  # noqa: A001 - the public name users expect: tvmnet.compile
     report = built.schedules
     if database is not None:
         say(f"tuned schedules: {len(report.tuned)} of {report.total} functions ({len(report.fallback)} fallback)")
+    if report.fused:
+        say(f"fused {len(report.fused)} expansion(s) with the depthwise convolution each feeds "
+            f"({', '.join(report.fused)}): their tuned records no longer apply")
 
     staging = _prepare_output(output)
     try:

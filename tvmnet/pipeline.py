@@ -22,6 +22,7 @@ import tvm
 from tvm import relax
 
 from .manifest import TVM_ALIGNMENT
+from .expand_fusion import fuse_expand_pairs
 from .prefetch import copied_from, prefetch_weights
 from .search_space import MIN_SPLIT_ROWS
 
@@ -30,17 +31,20 @@ GPU_DEVICES = ("cuda", "opencl")
 
 @dataclass
 class ScheduleReport:
-    """Which fused functions got a tuned schedule from the database and which fell back."""
+    """Which fused functions got a tuned schedule from the database, which fell back, and which kernels replace
+    two of them with a fixed schedule (:mod:`tvmnet.expand_fusion`)."""
 
     tuned: list[str] = field(default_factory=list)
     fallback: list[str] = field(default_factory=list)
+    fused: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return len(self.tuned) + len(self.fallback)
+        return len(self.tuned) + len(self.fallback) + len(self.fused)
 
     def to_json(self) -> dict[str, object]:
-        return {"tuned": sorted(self.tuned), "fallback": sorted(self.fallback), "total": self.total}
+        return {"tuned": sorted(self.tuned), "fallback": sorted(self.fallback), "fused": sorted(self.fused),
+                "total": self.total}
 
 
 CONV_LAYOUTS = {"NCHW": ["NCHW", "OIHW"], "NHWC": ["NHWC", "OHWI"]}
@@ -150,7 +154,9 @@ def _scheduled(mod: tvm.IRModule) -> set[str]:
 
 
 def schedule(mod: tvm.IRModule, target: tvm.target.Target, database=None) -> tuple[tvm.IRModule, ScheduleReport]:
-    """Apply tuned records where the database has them; GPU functions left over get DLight defaults."""
+    """Fuse the pairs :mod:`tvmnet.expand_fusion` takes, apply tuned records where the database has them; GPU
+    functions left over get DLight defaults."""
+    mod, fused = fuse_expand_pairs(mod, target)
     before = _scheduled(mod)
     if database is not None:
         with target, database:
@@ -177,7 +183,7 @@ def schedule(mod: tvm.IRModule, target: tvm.target.Target, database=None) -> tup
                 dlight.gpu.GeneralReduction(),
                 dlight.gpu.Fallback(),
             )(mod)
-    return mod, ScheduleReport(tuned=sorted(tuned), fallback=sorted(set(names) - tuned))
+    return mod, ScheduleReport(tuned=sorted(tuned), fallback=sorted(set(names) - tuned - set(fused)), fused=fused)
 
 
 PREPACKED_SUFFIX = "_prepacked"
