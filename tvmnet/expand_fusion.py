@@ -21,6 +21,8 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
+from .prefetch import applies_to as runs_on_x86
+
 MIN_ROWS = 112
 """Pairs whose input map has fewer rows stay two kernels. In V2's model order on the Zen 4, every pair at 56x56
 and below ran 1.1-1.7x slower fused; V2-0.5-160's 80x80 pair ran 0.87-0.90x, but the whole model only 0.997 and
@@ -39,9 +41,7 @@ CHECK_TOLERANCE = 1e-4
 
 def applies_to(target: tvm.target.Target) -> bool:
     """x86 CPUs with AVX-512, the only ones where the fused kernel was measured."""
-    from .prefetch import applies_to as is_x86
-
-    return is_x86(target) and bool(tvm.target.codegen.target_has_features("avx512f", target))
+    return runs_on_x86(target) and bool(tvm.target.codegen.target_has_features("avx512f", target))
 
 
 EPILOGUES = (6.0, None)
