@@ -156,6 +156,23 @@ def test_breakdown_accounts_for_every_convolution(tmp_path):
     assert tighter["budget_us"] < parity["budget_us"] and tighter["dense_mflop"] == parity["dense_mflop"] > 0
 
 
+def test_breakdown_counts_convolutions_inside_a_fused_kernel_as_other(monkeypatch):
+    """A convolution tvmnet runs inside another kernel (tvmnet.expand_fusion) gets no row of its own, where it
+    would read as 0 µs for tvmnet, and both runtimes' time for it lands under other."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from breakdown import join
+
+    alone, fused = ((16, 8, 1, 1), (56, 56), (56, 56)), ((96, 16, 1, 1), (112, 112), (112, 112))
+    ort = [{"profile": {"conv_a": 50.0, "conv_b": 300.0, "gemm": 20.0}, "end_to_end_us": 400.0}]
+    kernels = {"fused_conv2d_a": {"calls": 1, "us": 40.0}, "fused_expand_depthwise0": {"calls": 1, "us": 250.0}}
+    tvm = [{"profile": kernels, "end_to_end_us": 300.0}]
+    result = join(ort, tvm, {"conv_a": alone, "conv_b": fused}, {"fused_conv2d_a": alone})
+    assert [(row["weight"], row["tvmnet_us"]) for row in result["rows"]] == [([16, 8, 1, 1], 40.0)]
+    assert result["in_fused_kernels"] == [{"weight": [96, 16, 1, 1], "in_hw": [112, 112], "out_hw": [112, 112]}]
+    assert result["classes"]["other"]["onnxruntime_us"] == 320.0 and result["classes"]["other"]["tvmnet_us"] == 250.0
+    assert result["classes"]["pointwise"]["onnxruntime_us"] == 50.0
+
+
 @pytest.mark.timeout(120)
 def test_kernels_alone_replays_every_kernel_call(tiny_v2_artifact):
     """bench/kernels_alone.py replays each kernel of one inference in model order and alone: every fused
