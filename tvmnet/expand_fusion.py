@@ -21,7 +21,7 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
-from .prefetch import applies_to as runs_on_x86
+from .prefetch import applies_to as runs_on_x86, replace_calls
 
 MIN_ROWS = 112
 """Pairs whose input map has fewer rows stay two kernels. In V2's model order on the Zen 4, every pair at 56x56
@@ -136,11 +136,11 @@ def fused_kernel(height: int, width: int, inputs: int, channels: int, upper: flo
 
 
 def _shape(expr: relax.Expr) -> tuple[int, ...] | None:
-    shape = getattr(expr.ty, "shape", None)
-    if not isinstance(shape, relax.ShapeExpr) or getattr(expr.ty, "dtype", None) != "float32":
-        return None
-    dims = [int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in shape.values]
-    return None if None in dims else tuple(dims)
+    """The static shape of a float32 tensor, else None."""
+    from .pipeline import static_dims
+
+    dims = static_dims(getattr(expr.ty, "shape", None)) if getattr(expr.ty, "dtype", None) == "float32" else None
+    return None if dims is None else tuple(dims)
 
 
 def _pair_shape(first: relax.Call, second: relax.Call) -> tuple[int, int, int, int] | None:
@@ -240,15 +240,4 @@ def fuse_expand_pairs(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm
                                                 second.ty_args)))
     if not replacements:
         return mod, []
-
-    @relax.expr_functor.mutator
-    class UseFusedKernels(relax.PyExprMutator):
-        def visit_call_(self, call: relax.Call) -> relax.Expr:
-            fused = next((new for old, new in replacements if old.same_as(call)), None)
-            return fused if fused is not None else super().visit_call_(call)
-
-    mutator = UseFusedKernels(builder.get())
-    main = mutator.builder_.get().get_global_var("main")
-    mutator.builder_.update_func(main, mutator.visit_expr(mutator.builder_.get()[main]))
-    fused = relax.transform.DeadCodeElimination()(mutator.builder_.get())
-    return fused, sorted(new.args[0].name_hint for _old, new in replacements)
+    return replace_calls(builder.get(), replacements), sorted(new.args[0].name_hint for _old, new in replacements)

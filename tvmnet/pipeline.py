@@ -195,7 +195,7 @@ def fused_name(kernel: str) -> str:
     return copied_from(kernel).removesuffix(PREPACKED_SUFFIX)
 
 
-def _static_dims(shape: relax.Expr) -> list[int] | None:
+def static_dims(shape: relax.Expr) -> list[int] | None:
     """The dimensions of a ShapeExpr whose dimensions are all constants, else None."""
     if not isinstance(shape, relax.ShapeExpr) or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
         return None
@@ -233,7 +233,7 @@ class _CentreRowBands(relax.PyExprMutator):
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         value = binding.value
         if isinstance(value, relax.Call) and value.op == self.alloc_storage:
-            if (dims := _static_dims(value.args[0])) is not None:
+            if (dims := static_dims(value.args[0])) is not None:
                 self.storage_bytes[binding.var] = math.prod(dims)
         self.moved = False
         super().visit_var_binding_(binding)
@@ -251,7 +251,7 @@ class _CentreRowBands(relax.PyExprMutator):
         if call.op != self.alloc_tensor or call.args[0] not in self.storage_bytes:
             return call
         storage, offset, shape, dtype, device = call.args
-        dims = _static_dims(shape)
+        dims = static_dims(shape)
         if (dims is None or len(dims) != 4 or dims[1] < MIN_SPLIT_ROWS or not isinstance(offset, tvm.tirx.IntImm)
                 or int(offset.value) != 0):
             return call

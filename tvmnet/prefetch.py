@@ -433,18 +433,23 @@ def _prefetch_next_weights(mod: tvm.IRModule, threads: int) -> tuple[tvm.IRModul
             rewrites.append((call, copies[key], following.args[1].fields[theirs]))
     if not rewrites:
         return mod, []
+    calls = [(call, relax.Call(call.op, [copy, relax.Tuple([*call.args[1].fields, weights]), *call.args[2:]],
+                               call.attrs, call.ty_args)) for call, copy, weights in rewrites]
+    return replace_calls(builder.get(), calls), sorted({copy.name_hint for _, copy, _ in rewrites})
+
+
+def replace_calls(mod: tvm.IRModule, replacements: list[tuple[relax.Call, relax.Call]]) -> tvm.IRModule:
+    """``mod`` with each call of ``main`` that is the first of a pair in ``replacements`` (the very object) replaced
+    by the second, and the functions and bindings no call uses any more removed. Shared with
+    :mod:`tvmnet.expand_fusion`."""
 
     @relax.expr_functor.mutator
-    class PassNextWeights(relax.PyExprMutator):
+    class ReplaceCalls(relax.PyExprMutator):
         def visit_call_(self, call: relax.Call) -> relax.Expr:
-            for original, copy, weights in rewrites:
-                if original.same_as(call):
-                    fields = [*call.args[1].fields, weights]
-                    return relax.Call(call.op, [copy, relax.Tuple(fields), *call.args[2:]], call.attrs, call.ty_args)
-            return super().visit_call_(call)
+            new = next((new for old, new in replacements if old.same_as(call)), None)
+            return new if new is not None else super().visit_call_(call)
 
-    mutator = PassNextWeights(builder.get())
+    mutator = ReplaceCalls(mod)
     main = mutator.builder_.get().get_global_var("main")
     mutator.builder_.update_func(main, mutator.visit_expr(mutator.builder_.get()[main]))
-    rewritten = relax.transform.DeadCodeElimination()(mutator.builder_.get())  # the kernels no call uses now
-    return rewritten, sorted({copy.name_hint for _, copy, _ in rewrites})
+    return relax.transform.DeadCodeElimination()(mutator.builder_.get())
