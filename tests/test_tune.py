@@ -144,6 +144,54 @@ def test_compile_finds_default_log_dir(tuned, tmp_path):
     assert {t.name for t in result.tasks if t.best_us != t.untuned_us} <= set(schedules["tuned"])
 
 
+@pytest.mark.timeout(300)
+def test_portable_x86_target_compiles_with_the_x86_log(tuned, tmp_path):
+    """x86-avx2 has no log of its own (``logs_from = "x86"``): compile finds the model's x86 log, says so, applies
+    its records and still matches onnxruntime. The portable build runs on any x86 CPU with AVX2."""
+    result, root, _lines, _seconds = tuned
+    assert not (root / "x86-avx2").exists()
+    said: list[str] = []
+    artifact = tvmnet.compile(_model(), target="x86-avx2", output=tmp_path / "avx2", progress=said.append)
+    assert any(f"no tuning log of x86-avx2 for this model: using x86's ({result.log_dir})" in line
+               for line in said), said
+    compiled = tvmnet.load(artifact)
+    schedules = compiled.manifest["schedules"]
+    assert schedules["database"] == str(result.log_dir)
+    assert {t.name for t in result.tasks if t.best_us != t.untuned_us} <= set(schedules["tuned"])
+    cpuinfo = Path("/proc/cpuinfo")
+    if " avx2" not in (cpuinfo.read_text() if cpuinfo.exists() else ""):
+        pytest.skip("this CPU lacks AVX2: the portable build was compiled, not run")
+    spec = compiled.inputs[0]
+    x = np.random.default_rng(0).standard_normal(spec.shape).astype(np.float32)
+    np.testing.assert_allclose(compiled.run(x), ort_run(_model(), {spec.name: x})[0], rtol=RTOL, atol=ATOL)
+
+
+def test_borrowed_records_come_from_a_cpu_with_the_builds_vector_extension(tuned, tmp_path):
+    """A log holding each schedule from an AVX2 CPU and, measured twice as fast, from an AVX-512 one: a build for
+    a third AVX2 CPU takes the AVX2 CPU's records, one for a third AVX-512 CPU the faster AVX-512 ones, and one
+    for the AVX2 CPU itself its own."""
+    import tvm
+
+    from tvmnet.tune import RECORD_FILE, compile_database, cpu_of
+
+    here = str(tvmnet.targets.get_target("x86").tvm_target().attrs["mcpu"])
+    log = tmp_path / "two-cpus"
+    lines = []
+    for cpu, factor in (("znver3", 2.0), ("skylake-avx512", 1.0)):
+        copy = _copy_with_times_scaled(tuned[0].log_dir, tmp_path / cpu, factor)
+        lines.append((copy / RECORD_FILE).read_text().replace(f'"mcpu":"{here}"', f'"mcpu":"{cpu}"'))
+    (copy / RECORD_FILE).write_text("".join(lines))
+    copy.rename(log)
+
+    def applied_cpus(mcpu: str) -> set[str]:
+        target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
+        return {cpu_of(record.target) for record in compile_database(log, target=target).get_all_tuning_records()}
+
+    assert applied_cpus("haswell") == {"znver3"}
+    assert applied_cpus("icelake-server") == {"skylake-avx512"}
+    assert applied_cpus("znver3") == {"znver3"}
+
+
 @pytest.mark.timeout(120)
 def test_second_tune_into_locked_dir_fails_fast(tuned):
     result, _root, _lines, _seconds = tuned

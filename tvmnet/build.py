@@ -83,18 +83,23 @@ def _read_labels(labels: Sequence[str] | str | os.PathLike | None, num_classes: 
 def _load_database(tuning_logs: str | os.PathLike | None, fused=None, spec: TargetSpec | None = None,
                    warn: Progress | None = None):
     """The MetaSchedule database in ``tuning_logs``; without one, ``tune``'s default log dir for this
-    model's workloads and target when it exists (``tuning_logs/<target>/<fingerprint>/``), else None.
-    Each workload's fastest record is applied, damaged lines skipped with a warning (see
-    :func:`tune.compile_database`). Returns ``(database, path)``."""
+    model's workloads and target when it exists (``tuning_logs/<target>/<fingerprint>/``), else the one of
+    the target it names in ``logs_from``, else None. Each workload's fastest record is applied, damaged
+    lines skipped with a warning (see :func:`tune.compile_database`). Returns ``(database, path)``."""
     if tuning_logs is None:
         if fused is None or spec is None:
             return None, None
-        if not (tune.log_root() / spec.name).is_dir():  # skip extracting tasks when nothing was ever tuned
+        # extract the model's tasks only where this target, or the one it borrows from, has logs at all
+        roots = [tune.log_root() / name for name in (spec.name, spec.logs_from) if name]
+        roots = [root for root in roots if root.is_dir()]
+        if not roots:
             return None, None
-        path = tune.default_log_dir(fused, spec)
-        if not tune.has_database(path):
+        fingerprint = tune.workload_fingerprint(fused, spec)
+        tuning_logs = next((root / fingerprint for root in roots if tune.has_database(root / fingerprint)), None)
+        if tuning_logs is None:
             return None, None
-        tuning_logs = path
+        if tuning_logs.parent.name != spec.name and warn is not None:
+            warn(f"no tuning log of {spec.name} for this model: using {tuning_logs.parent.name}'s ({tuning_logs})")
     path = Path(tuning_logs)
     if not tune.has_database(path):
         raise ModelError(f"{path} holds no MetaSchedule database ({tune.WORKLOAD_FILE}); run `tvmnet tune` first")

@@ -71,6 +71,10 @@ class TargetSpec:
     cross_compiler: CrossCompiler | None = None
     rpc_key: str = ""
     notes: str = ""
+    logs_from: str = ""
+    """Another target whose tuning logs ``compile`` uses where this one has none of its own for a model: a
+    portable x86 build takes the schedules tuned on x86 machines (``tune.compile_database`` prefers those of
+    CPUs with the build's vector extension)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def tvm_target(self):
@@ -204,7 +208,7 @@ def read_target_file(path: Path) -> TargetSpec:
         raise TargetError(f"target file {path} lacks a [tvm] table (TVM target dict or tag)")
     cross = data.get("cross_compiler")
     known = {"name", "aliases", "description", "device", "arch", "verified", "tvm", "host", "cross_compiler",
-             "rpc_key", "notes"}
+             "rpc_key", "notes", "logs_from"}
     return TargetSpec(
         name=need("name"),
         description=need("description"),
@@ -222,6 +226,7 @@ def read_target_file(path: Path) -> TargetSpec:
         else None,
         rpc_key=data.get("rpc_key", data["name"]),
         notes=data.get("notes", ""),
+        logs_from=data.get("logs_from", ""),
         extra={k: v for k, v in data.items() if k not in known},
     )
 

@@ -168,9 +168,13 @@ def default_log_dir(model, target) -> Path:
     ``model`` must be fused with ``pipeline.fuse`` for the same target when it is an IRModule.
     """
     spec = _target_spec(target)
-    tvm_target = spec.tvm_target()
-    tasks = extract_tasks(_fused_of(model, tvm_target), tvm_target)
-    return log_root() / spec.name / fingerprint_tasks(tasks)
+    return log_root() / spec.name / workload_fingerprint(model, spec)
+
+
+def workload_fingerprint(model, target) -> str:
+    """The fingerprint of ``model``'s tuning tasks for ``target``: the name of its log directory."""
+    tvm_target = _target_spec(target).tvm_target()
+    return fingerprint_tasks(extract_tasks(_fused_of(model, tvm_target), tvm_target))
 
 
 def has_database(path: str | os.PathLike) -> bool:
@@ -294,19 +298,30 @@ def compile_database(log_dir: str | os.PathLike, *, warn: Progress | None = None
     Each record keeps the CPU it was measured on, and one log may hold records of several CPUs (a log
     tuned on one machine, then tuned again on another). Times from two CPUs do not compare, so when
     ``target`` (the build's ``tvm.target.Target``) is given, each workload takes its fastest record
-    measured on the build's CPU and only a workload with none takes another CPU's fastest; ``warn``
-    then says how many did: they apply and compute the same results, but were fastest elsewhere.
+    measured on the build's CPU and only a workload with none takes another CPU's fastest, of a CPU with
+    the build's vector extension (:func:`vector_isa`) where there is one; ``warn`` then says how many did:
+    they apply and compute the same results, but were fastest elsewhere.
 
     Where the search space makes a workload split rows across threads (:class:`search_space.SplitRows`),
     the fastest record that does is applied instead when it is close enough (:func:`_preferred`).
     """
     here = cpu_of(target) if target is not None else None
-    ranked: dict[int, list[tuple[tuple[bool, float], object]]] = {}
+    isa_of = {here: vector_isa(target)} if target is not None else {}  # CPU -> its vector extension
+
+    def distance(record) -> int:
+        """0: measured on the build's CPU; 1: on another CPU with its vector extension; 2: on any other."""
+        cpu = cpu_of(record.target)
+        if here is None or cpu == here:
+            return 0
+        if cpu not in isa_of:
+            isa_of[cpu] = vector_isa(record.target)
+        return 1 if isa_of[cpu] == isa_of[here] else 2
+
+    ranked: dict[int, list[tuple[tuple[int, float], object]]] = {}
     for record in open_database(log_dir, warn=warn).get_all_tuning_records():
         secs = _record_seconds(record)
         if secs is not None:  # this CPU's records first
-            ranked.setdefault(_shash(record.workload.mod), []).append(
-                ((here is not None and cpu_of(record.target) != here, secs), record))
+            ranked.setdefault(_shash(record.workload.mod), []).append(((distance(record), secs), record))
     best = [_preferred(sorted(records, key=lambda pair: pair[0]), target) for records in ranked.values()]
     borrowed = [record for (elsewhere, _secs), record in best if elsewhere]
     if borrowed and warn is not None:
@@ -395,6 +410,22 @@ def _as_stored(tasks: Sequence, database) -> list:
             task = ms.ExtractedTask(task.task_name, mod, task.target, [mod], task.weight)
         stored.append(task)
     return stored
+
+
+VECTOR_EXTENSIONS = ("avx512f", "avx2")
+
+
+def vector_isa(target) -> str | None:
+    """The widest x86 vector extension of a target's CPU (an entry of :data:`VECTOR_EXTENSIONS`), None for
+    other targets: a tuned schedule's vector widths and register tiles were chosen for it, so a build
+    borrowing another CPU's records takes those of a CPU with its own extension first."""
+    import tvm
+
+    from .prefetch import applies_to as runs_on_x86
+
+    if not runs_on_x86(target):
+        return None
+    return next((name for name in VECTOR_EXTENSIONS if tvm.target.codegen.target_has_features(name, target)), None)
 
 
 def cpu_of(target) -> str:
