@@ -21,7 +21,8 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
-from .prefetch import applies_to as runs_on_x86, replace_calls
+from .prefetch import replace_calls
+from .targets import vector_isa
 
 MIN_ROWS = 112
 """Pairs whose input map has fewer rows stay two kernels. In V2's model order on the Zen 4, every pair at 56x56
@@ -41,7 +42,7 @@ CHECK_TOLERANCE = 1e-4
 
 def applies_to(target: tvm.target.Target) -> bool:
     """x86 CPUs with AVX-512, the only ones where the fused kernel was measured."""
-    return runs_on_x86(target) and bool(tvm.target.codegen.target_has_features("avx512f", target))
+    return vector_isa(target) == "avx512f"
 
 
 EPILOGUES = (6.0, None)

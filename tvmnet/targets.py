@@ -255,3 +255,20 @@ def get_target(name_or_path: str | os.PathLike) -> TargetSpec:
             return spec
     names = ", ".join(spec.name for spec in targets)
     raise TargetError(f"unknown target '{text}'; known targets: {names} (or give a path to a .toml file)")
+
+
+VECTOR_EXTENSIONS = ("avx512f", "avx2")
+
+
+def vector_isa(target) -> str | None:
+    """The widest x86 vector extension of a ``tvm.target.Target``'s CPU (an entry of :data:`VECTOR_EXTENSIONS`),
+    None for other targets: a tuned schedule's vector widths and register tiles were chosen for it (a build
+    borrowing another CPU's records takes those of a CPU with its own extension first), and the expansion fusion
+    was measured with AVX-512 only."""
+    import tvm
+
+    from .prefetch import applies_to as runs_on_x86
+
+    if not runs_on_x86(target):
+        return None
+    return next((name for name in VECTOR_EXTENSIONS if tvm.target.codegen.target_has_features(name, target)), None)

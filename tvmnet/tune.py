@@ -299,12 +299,14 @@ def compile_database(log_dir: str | os.PathLike, *, warn: Progress | None = None
     tuned on one machine, then tuned again on another). Times from two CPUs do not compare, so when
     ``target`` (the build's ``tvm.target.Target``) is given, each workload takes its fastest record
     measured on the build's CPU and only a workload with none takes another CPU's fastest, of a CPU with
-    the build's vector extension (:func:`vector_isa`) where there is one; ``warn`` then says how many did:
+    the build's vector extension (:func:`targets.vector_isa`) where there is one; ``warn`` then says how many did:
     they apply and compute the same results, but were fastest elsewhere.
 
     Where the search space makes a workload split rows across threads (:class:`search_space.SplitRows`),
     the fastest record that does is applied instead when it is close enough (:func:`_preferred`).
     """
+    from .targets import vector_isa
+
     here = cpu_of(target) if target is not None else None
     isa_of = {here: vector_isa(target)} if target is not None else {}  # CPU -> its vector extension
 
@@ -410,22 +412,6 @@ def _as_stored(tasks: Sequence, database) -> list:
             task = ms.ExtractedTask(task.task_name, mod, task.target, [mod], task.weight)
         stored.append(task)
     return stored
-
-
-VECTOR_EXTENSIONS = ("avx512f", "avx2")
-
-
-def vector_isa(target) -> str | None:
-    """The widest x86 vector extension of a target's CPU (an entry of :data:`VECTOR_EXTENSIONS`), None for
-    other targets: a tuned schedule's vector widths and register tiles were chosen for it, so a build
-    borrowing another CPU's records takes those of a CPU with its own extension first."""
-    import tvm
-
-    from .prefetch import applies_to as runs_on_x86
-
-    if not runs_on_x86(target):
-        return None
-    return next((name for name in VECTOR_EXTENSIONS if tvm.target.codegen.target_has_features(name, target)), None)
 
 
 def cpu_of(target) -> str:
