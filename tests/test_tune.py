@@ -55,9 +55,12 @@ def _trials(records: list) -> list:
     return [r for r in records if not is_baseline(r)]
 
 
-def _copy_with_times_scaled(log_dir: Path, copy: Path, factor: float = 1000) -> Path:
+def _copy_with_times_scaled(log_dir: Path, copy: Path, factor: float = 1000, *, inverted: bool = False,
+                            mcpu: str | None = None) -> Path:
     """A copy of a tuning log with every stored time multiplied by ``factor``: above 1, a log as if measured on
-    a far busier host than the one the test runs on; below 1, as if this host were far busier now."""
+    a far busier host than the one the test runs on; below 1, as if this host were far busier now.
+    ``inverted``: each time becomes ``factor`` / time instead, so that the slowest record is the fastest.
+    ``mcpu``: every record as if measured on that CPU."""
     import json
     import shutil
 
@@ -67,10 +70,22 @@ def _copy_with_times_scaled(log_dir: Path, copy: Path, factor: float = 1000) -> 
     slower = []
     for line in (copy / RECORD_FILE).read_text().splitlines():
         entry = json.loads(line)
-        entry[1][1] = [secs * factor for secs in entry[1][1]]
+        entry[1][1] = [factor / secs if inverted else secs * factor for secs in entry[1][1]]
+        if mcpu is not None:
+            entry[1][2]["mcpu"] = mcpu
         slower.append(json.dumps(entry, separators=(",", ":")))
     (copy / RECORD_FILE).write_text("\n".join(slower) + "\n")
     return copy
+
+
+def _two_cpus_log(log_dir: Path, tmp_path: Path, cpus: dict[str, dict]) -> Path:
+    """One log holding a copy of ``log_dir``'s records per CPU, each with its times changed as
+    :func:`_copy_with_times_scaled` is told by ``cpus[cpu]``."""
+    from tvmnet.tune import RECORD_FILE
+
+    copies = [_copy_with_times_scaled(log_dir, tmp_path / cpu, mcpu=cpu, **how) for cpu, how in cpus.items()]
+    (copies[0] / RECORD_FILE).write_text("".join((copy / RECORD_FILE).read_text() for copy in copies))
+    return copies[0].rename(tmp_path / "two-cpus")
 
 
 @pytest.fixture(scope="module")
@@ -172,16 +187,9 @@ def test_borrowed_records_come_from_a_cpu_with_the_builds_vector_extension(tuned
     for the AVX2 CPU itself its own."""
     import tvm
 
-    from tvmnet.tune import RECORD_FILE, compile_database, cpu_of
+    from tvmnet.tune import compile_database, cpu_of
 
-    here = str(tvmnet.targets.get_target("x86").tvm_target().attrs["mcpu"])
-    log = tmp_path / "two-cpus"
-    lines = []
-    for cpu, factor in (("znver3", 2.0), ("skylake-avx512", 1.0)):
-        copy = _copy_with_times_scaled(tuned[0].log_dir, tmp_path / cpu, factor)
-        lines.append((copy / RECORD_FILE).read_text().replace(f'"mcpu":"{here}"', f'"mcpu":"{cpu}"'))
-    (copy / RECORD_FILE).write_text("".join(lines))
-    copy.rename(log)
+    log = _two_cpus_log(tuned[0].log_dir, tmp_path, {"znver3": {"factor": 2.0}, "skylake-avx512": {"factor": 1.0}})
 
     def applied_cpus(mcpu: str) -> set[str]:
         target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
@@ -191,6 +199,54 @@ def test_borrowed_records_come_from_a_cpu_with_the_builds_vector_extension(tuned
     assert applied_cpus("icelake-server") == {"skylake-avx512"}
     assert applied_cpus("znver3") == {"znver3"}
 
+
+@pytest.mark.timeout(300)
+def test_portable_x86_target_tune_starts_from_the_x86_log(tuned, tmp_path, monkeypatch):
+    """A first ``tune --target x86-avx2`` starts its log from the model's x86 log (``logs_from``): per workload
+    and CPU the untuned floor and the fastest records. It then measures here, for each task, the fastest
+    schedule of the CPU with AVX2 (znver3), not the one an AVX-512 CPU measured faster; ``compile`` then takes
+    the task measured here from here and the other from znver3."""
+    from collections import Counter
+
+    import tvmnet.tune as tune_module
+    from tvmnet.tune import _shash, compile_database, cpu_of, is_baseline
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if " avx2" not in (cpuinfo.read_text() if cpuinfo.exists() else ""):
+        pytest.skip("this CPU lacks AVX2: an x86-avx2 tune cannot measure here")
+    result = tuned[0]
+    # skylake-avx512's records: the same schedules, each a thousand times faster the slower it ran on znver3
+    log = _two_cpus_log(result.log_dir, tmp_path, {"znver3": {"factor": 1.0},
+                                                   "skylake-avx512": {"factor": 1e-12, "inverted": True}})
+    x86_log = tmp_path / "logs" / "x86" / result.fingerprint
+    x86_log.parent.mkdir(parents=True)
+    log.rename(x86_log)
+    fastest: dict[tuple[int, str], object] = {}
+    for record in _trials(_database_records(x86_log)):
+        key = (_shash(record.workload.mod), cpu_of(record.target))
+        if key not in fastest or float(record.run_secs[0]) < float(fastest[key].run_secs[0]):
+            fastest[key] = record
+
+    monkeypatch.setenv("TVMNET_TUNING_LOGS", str(tmp_path / "logs"))
+    monkeypatch.setattr(tune_module, "SEED_RECORDS_PER_CPU", 2)
+    lines: list[str] = []
+    again = tvmnet_tune(_model(), target="x86-avx2", trials=0, remeasure=1, tasks=TASKS[:1],
+                        progress=lines.append, **SMALL)
+    own_log = tmp_path / "logs" / "x86-avx2" / result.fingerprint
+    assert again.log_dir == own_log
+    per_kind = Counter((_shash(r.workload.mod), cpu_of(r.target), is_baseline(r)) for r in _database_records(x86_log))
+    kept = sum(min(n, 1 if floor else 2) for (_workload, _cpu, floor), n in per_kind.items())
+    assert kept == 12, per_kind  # each of the 2 workloads: a floor and 2 records of each of the 2 CPUs
+    started = f"started {own_log} from x86's log ({x86_log}): {kept} of its {sum(per_kind.values())} records"
+    assert any(started in line for line in lines), lines
+    mine = [r for r in _database_records(own_log) if cpu_of(r.target) == "haswell"]
+    ((workload, trace),) = {(_shash(r.workload.mod), str(r.trace)) for r in mine if not is_baseline(r)}
+    assert trace == str(fastest[workload, "znver3"].trace) != str(fastest[workload, "skylake-avx512"].trace)
+
+    target = tvmnet.targets.get_target("x86-avx2").tvm_target()
+    applied = {_shash(r.workload.mod): cpu_of(r.target) for r in compile_database(own_log, target=target)
+               .get_all_tuning_records()}
+    assert sorted(applied.values()) == ["haswell", "znver3"] and applied[workload] == "haswell", applied
 
 @pytest.mark.timeout(120)
 def test_second_tune_into_locked_dir_fails_fast(tuned):

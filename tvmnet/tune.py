@@ -305,20 +305,8 @@ def compile_database(log_dir: str | os.PathLike, *, warn: Progress | None = None
     Where the search space makes a workload split rows across threads (:class:`search_space.SplitRows`),
     the fastest record that does is applied instead when it is close enough (:func:`_preferred`).
     """
-    from .targets import vector_isa
-
     here = cpu_of(target) if target is not None else None
-    isa_of = {here: vector_isa(target)} if target is not None else {}  # CPU -> its vector extension
-
-    def distance(record) -> int:
-        """0: measured on the build's CPU; 1: on another CPU with its vector extension; 2: on any other."""
-        cpu = cpu_of(record.target)
-        if here is None or cpu == here:
-            return 0
-        if cpu not in isa_of:
-            isa_of[cpu] = vector_isa(record.target)
-        return 1 if isa_of[cpu] == isa_of[here] else 2
-
+    distance = _distance_from(target) if target is not None else lambda _record: 0
     ranked: dict[int, list[tuple[tuple[int, float], object]]] = {}
     for record in open_database(log_dir, warn=warn).get_all_tuning_records():
         secs = _record_seconds(record)
@@ -332,6 +320,26 @@ def compile_database(log_dir: str | os.PathLike, *, warn: Progress | None = None
              f"for {here}: their schedules apply and compute the same results but may be slower here; "
              "run `tvmnet tune` on this CPU for schedules made for it")
     return memory_database(record for _rank, record in best)
+
+
+def _distance_from(target) -> Callable[[object], int]:
+    """How far a record's CPU is from ``target``'s: 0 the same CPU, 1 another with its vector extension
+    (:func:`targets.vector_isa`), 2 any other. A schedule made for 16-float vectors ran V2 about twice as slow
+    in AVX2 code as one made on an AVX2 CPU (bench/README.md item 49)."""
+    from .targets import vector_isa
+
+    here = cpu_of(target)
+    isa_of = {here: vector_isa(target)}  # CPU -> its vector extension
+
+    def distance(record) -> int:
+        cpu = cpu_of(record.target)
+        if cpu == here:
+            return 0
+        if cpu not in isa_of:
+            isa_of[cpu] = vector_isa(record.target)
+        return 1 if isa_of[cpu] == isa_of[here] else 2
+
+    return distance
 
 
 SPLIT_ROWS_SLOWDOWN = 2.5
@@ -481,6 +489,39 @@ def _write_lines_atomically(file: Path, lines: Sequence[str]) -> None:
     temp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
     temp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     os.replace(temp, file)
+
+
+SEED_RECORDS_PER_CPU = 16
+"""How many of each workload's fastest records of each CPU a log started from another target's log keeps,
+beside that CPU's untuned floor: enough for :func:`_preferred` to find one that splits rows, and a sliver of a
+shipped x86 log (V2's holds over 16,000 records, 230 MB)."""
+
+
+def _start_from(log_dir: Path, source: Path, name: str, say: Progress) -> None:
+    """Start the empty ``log_dir`` from ``source``, the log of the target ``name`` that this one's ``logs_from``
+    names: its workloads and, per workload and CPU, the untuned floor and :data:`SEED_RECORDS_PER_CPU` fastest
+    records. Its first tune then measures here each task's best schedule from another CPU (one with the
+    target's vector extension first), as a tune on a new CPU does, and ``compile`` borrows the records of the
+    tasks not tuned yet, as it did from ``source``. Damaged lines of ``source`` are left out."""
+    import json
+
+    if not has_database(source):
+        return
+    workloads, records, _bad = _check_database_lines(source)
+    ranked: dict[tuple[int, str, bool], list[tuple[float, int]]] = {}
+    for index, line in enumerate(records):
+        workload, (trace, run_secs, target, _args) = json.loads(line)
+        secs = _mean_seconds(run_secs)
+        if secs is not None:
+            floor = not trace[0]  # no instructions: the untuned kernel
+            ranked.setdefault((workload, cpu_of(target), floor), []).append((secs, index))
+    kept = sorted(index for (_workload, _cpu, floor), fastest in ranked.items()
+                  for _secs, index in sorted(fastest)[:1 if floor else SEED_RECORDS_PER_CPU])
+    _write_lines_atomically(log_dir / RECORD_FILE, [records[index] for index in kept])
+    _write_lines_atomically(log_dir / WORKLOAD_FILE, workloads)  # last: a log without it is started again
+    cpus = ", ".join(sorted({cpu for _workload, cpu, _floor in ranked}))
+    say(f"started {log_dir} from {name}'s log ({source}): {len(kept)} of its {len(records)} records, each "
+        f"workload's fastest of {cpus}; a task's best from another CPU is measured here before its first search")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -682,9 +723,12 @@ def _tuned_by_speed(database, tasks: Sequence, measured_on: Callable[[str], bool
             for task in tasks]
 
 
-def fastest_elsewhere(database, tasks: Sequence, cpu: str) -> list:
-    """For each task, the fastest tuned record measured on another CPU than ``cpu``, or None."""
-    return [records[0] if records else None for records in _tuned_by_speed(database, tasks, lambda c: c != cpu)]
+def fastest_elsewhere(database, tasks: Sequence, target) -> list:
+    """For each task, the fastest tuned record measured on another CPU than ``target``'s, of a CPU with its
+    vector extension where there is one (as ``compile`` borrows), or None."""
+    here, distance = cpu_of(target), _distance_from(target)
+    return [min(records, key=distance) if records else None  # the first, fastest, of the nearest
+            for records in _tuned_by_speed(database, tasks, lambda c: c != here)]
 
 
 def fastest_here(database, tasks: Sequence, cpu: str, top: int) -> list[list]:
@@ -1167,6 +1211,10 @@ def tune(
     given; the search then starts from them. So do its split seeds (:func:`search_space.split_seeds`, when its
     fastest record runs on one thread), and with ``remeasure`` its row seed (:func:`search_space.row_seeds`).
 
+    A target whose file names ``logs_from`` (the portable ``x86-avx2``, ``x86-avx512``) and has no log of its own
+    yet starts one from that target's log of the model (:func:`_start_from`), so that its first tune begins from
+    the schedules other CPUs found, as a tune on a new CPU does.
+
     ``recheck=K`` times, after the search, each task's K fastest candidates of this run side by side with
     the task's fastest record from before it, and stores them again on the log's scale. The search stores
     its candidates as measured, so on a host busier now than when the log was measured a better schedule
@@ -1196,6 +1244,8 @@ def tune(
     ms = _ms()
     interrupted = threading.Event()
     with _DirLock(log_dir), _stop_on_interrupt(interrupted, say):
+        if spec.logs_from and not has_database(log_dir):
+            _start_from(log_dir, log_root() / spec.logs_from / fingerprint, spec.logs_from, say)
         database = open_database(log_dir, repair=True, warn=say)
         selected = _as_stored(selected, database)
         cpu = cpu_of(tvm_target)  # records of other CPUs neither count as trials nor set the floor here
@@ -1222,7 +1272,7 @@ def tune(
         # a task about to be tuned on this CPU for the first time starts from the best schedule another CPU
         # found for it, measured here first (a log moved to a new machine, or a board of another family)
         port_to = range(len(selected)) if remeasure else to_tune if tuning else []
-        elsewhere = dict(zip(port_to, fastest_elsewhere(database, [selected[i] for i in port_to], cpu)))
+        elsewhere = dict(zip(port_to, fastest_elsewhere(database, [selected[i] for i in port_to], tvm_target)))
         seeded = range(len(selected)) if remeasure else to_tune if tuning else []
         if selected and (tuning or no_floor or remeasure):
             builder = make_builder(spec, builder_timeout_s,
