@@ -502,26 +502,36 @@ def _start_from(log_dir: Path, source: Path, name: str, say: Progress) -> None:
     names: its workloads and, per workload and CPU, the untuned floor and :data:`SEED_RECORDS_PER_CPU` fastest
     records. Its first tune then measures here each task's best schedule from another CPU (one with the
     target's vector extension first), as a tune on a new CPU does, and ``compile`` borrows the records of the
-    tasks not tuned yet, as it did from ``source``. Damaged lines of ``source`` are left out."""
+    tasks not tuned yet, as it did from ``source``.
+
+    Lines are read as JSON only (checking each record with TVM took 2 minutes for V2's log): a record line
+    that is not one is left out, and the tune's :func:`open_database` checks what is kept."""
     import json
 
     if not has_database(source):
         return
-    workloads, records, _bad = _check_database_lines(source)
     ranked: dict[tuple[int, str, bool], list[tuple[float, int]]] = {}
-    for index, line in enumerate(records):
-        workload, (trace, run_secs, target, _args) = json.loads(line)
-        secs = _mean_seconds(run_secs)
+    total = 0
+    for number, line in _numbered_lines(source / RECORD_FILE):
+        total += 1
+        try:
+            workload, (trace, run_secs, target, _args) = json.loads(line)
+            secs, key = _mean_seconds(run_secs), (int(workload), cpu_of(target), not trace[0])  # no insts: floor
+        except (ValueError, TypeError, AttributeError, IndexError):
+            continue
         if secs is not None:
-            floor = not trace[0]  # no instructions: the untuned kernel
-            ranked.setdefault((workload, cpu_of(target), floor), []).append((secs, index))
-    kept = sorted(index for (_workload, _cpu, floor), fastest in ranked.items()
-                  for _secs, index in sorted(fastest)[:1 if floor else SEED_RECORDS_PER_CPU])
-    _write_lines_atomically(log_dir / RECORD_FILE, [records[index] for index in kept])
-    _write_lines_atomically(log_dir / WORKLOAD_FILE, workloads)  # last: a log without it is started again
+            ranked.setdefault(key, []).append((secs, number))
+    kept = {number for (_workload, _cpu, floor), fastest in ranked.items()
+            for _secs, number in sorted(fastest)[:1 if floor else SEED_RECORDS_PER_CPU]}
+    _write_lines_atomically(log_dir / RECORD_FILE,
+                            [line for number, line in _numbered_lines(source / RECORD_FILE) if number in kept])
+    # last: a log without its workload file is started again. MetaSchedule numbers workloads by line, blank
+    # lines apart
+    _write_lines_atomically(log_dir / WORKLOAD_FILE,
+                            [line for _number, line in _numbered_lines(source / WORKLOAD_FILE) if line.strip()])
     cpus = ", ".join(sorted({cpu for _workload, cpu, _floor in ranked}))
-    say(f"started {log_dir} from {name}'s log ({source}): {len(kept)} of its {len(records)} records, each "
-        f"workload's fastest of {cpus}; a task's best from another CPU is measured here before its first search")
+    say(f"started {log_dir} from {name}'s log ({source}): {len(kept)} of its {total} records, each workload's "
+        f"fastest of {cpus}; a task's best from another CPU is measured here before its first search")
 
 
 # ----------------------------------------------------------------------------------------------
