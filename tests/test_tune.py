@@ -200,56 +200,90 @@ def test_borrowed_records_come_from_a_cpu_with_the_builds_vector_extension(tuned
     assert applied_cpus("znver3") == {"znver3"}
 
 
+def _x86_log_of_an_avx2_and_an_avx512_cpu(result, root: Path) -> Path:
+    """``result``'s log as x86's under ``root``, measured on znver3 (AVX2) and on skylake-avx512, where every
+    schedule ran far faster, and the faster the slower it ran on znver3. znver3's untuned floors are left out:
+    a haswell build borrows a tuned znver3 record for each task, the kind of record a tune measures again."""
+    import json
+
+    from tvmnet.tune import RECORD_FILE
+
+    log = _two_cpus_log(result.log_dir, root, {"znver3": {"factor": 1.0},
+                                               "skylake-avx512": {"factor": 1e-12, "inverted": True}})
+    x86_log = root / "logs" / "x86" / result.fingerprint
+    x86_log.parent.mkdir(parents=True)
+    log.rename(x86_log)
+    records = (x86_log / RECORD_FILE).read_text().splitlines()
+    (x86_log / RECORD_FILE).write_text("".join(f"{line}\n" for line in records
+                                               if '"mcpu":"znver3"' not in line or json.loads(line)[1][0][0]))
+    return x86_log
+
+
+def test_a_log_started_from_another_targets_keeps_each_cpus_floor_and_fastest_records(tuned, tmp_path,
+                                                                                     monkeypatch):
+    """Starting a portable target's log (``logs_from``) keeps, per workload and CPU, the untuned floor and the
+    ``SEED_RECORDS_PER_CPU`` fastest records, and leaves a damaged line out."""
+    import tvmnet.tune as tune_module
+    from tvmnet.tune import RECORD_FILE, _shash, cpu_of, is_baseline
+
+    x86_log = _x86_log_of_an_avx2_and_an_avx512_cpu(tuned[0], tmp_path)
+    ranked: dict[tuple, list] = {}
+    for r in _database_records(x86_log):
+        ranked.setdefault((_shash(r.workload.mod), cpu_of(r.target), is_baseline(r)), []).append(r)
+    expected = sorted((*key, str(r.trace)) for key, records in ranked.items()
+                      for r in sorted(records, key=lambda r: float(r.run_secs[0]))[:1 if key[2] else 2])
+    assert len(expected) == 10, ranked  # each of the 2 workloads: 2 znver3 records, skylake-avx512's floor and 2
+    total = sum(map(len, ranked.values())) + 1
+    with open(x86_log / RECORD_FILE, "a") as records:
+        records.write('[0,[[[],[]],[1e-09],{"mcpu":\n')  # a line cut short: left out
+    monkeypatch.setattr(tune_module, "SEED_RECORDS_PER_CPU", 2)
+    said: list[str] = []
+    started = tmp_path / "started"
+    started.mkdir()
+    tune_module._start_from(started, x86_log, "x86", said.append)
+    kept = sorted((_shash(r.workload.mod), cpu_of(r.target), is_baseline(r), str(r.trace))
+                  for r in _database_records(started))
+    assert kept == expected
+    assert len(said) == 1 and f"started {started} from x86's log ({x86_log}): 10 of its {total} records" in said[0]
+
+
 @pytest.mark.timeout(300)
 def test_portable_x86_target_tune_starts_from_the_x86_log(tuned, tmp_path, monkeypatch):
-    """A first ``tune --target x86-avx2`` starts its log from the model's x86 log (``logs_from``): per workload
-    and CPU the untuned floor and the fastest records, a damaged line left out. It then measures here, for each
-    task, the fastest schedule of the CPU with AVX2 (znver3), not the one an AVX-512 CPU measured faster;
-    ``compile`` then takes the task measured here from here and the other from znver3."""
-    from collections import Counter
-
-    import tvmnet.tune as tune_module
-    from tvmnet.tune import RECORD_FILE, _shash, compile_database, cpu_of, is_baseline
+    """A first ``tune --target x86-avx2`` starts its log from the model's x86 log (``logs_from``), then measures
+    here, for each task, the record ``compile`` borrowed: the CPU with AVX2's (znver3), not the one an AVX-512
+    CPU measured faster. ``compile`` then takes the task measured here from here and the other from znver3."""
+    from tvmnet.tune import _shash, compile_database, cpu_of, is_baseline
 
     cpuinfo = Path("/proc/cpuinfo")
     if " avx2" not in (cpuinfo.read_text() if cpuinfo.exists() else ""):
         pytest.skip("this CPU lacks AVX2: an x86-avx2 tune cannot measure here")
     result = tuned[0]
-    # skylake-avx512's records: the same schedules, each a thousand times faster the slower it ran on znver3
-    log = _two_cpus_log(result.log_dir, tmp_path, {"znver3": {"factor": 1.0},
-                                                   "skylake-avx512": {"factor": 1e-12, "inverted": True}})
-    x86_log = tmp_path / "logs" / "x86" / result.fingerprint
-    x86_log.parent.mkdir(parents=True)
-    log.rename(x86_log)
-    fastest: dict[tuple[int, str], object] = {}
-    for record in _trials(_database_records(x86_log)):
-        key = (_shash(record.workload.mod), cpu_of(record.target))
-        if key not in fastest or float(record.run_secs[0]) < float(fastest[key].run_secs[0]):
-            fastest[key] = record
-    per_kind = Counter((_shash(r.workload.mod), cpu_of(r.target), is_baseline(r)) for r in _database_records(x86_log))
-    kept = sum(min(n, 1 if floor else 2) for (_workload, _cpu, floor), n in per_kind.items())
-    assert kept == 12, per_kind  # each of the 2 workloads: a floor and 2 records of each of the 2 CPUs
-    with open(x86_log / RECORD_FILE, "a") as records:
-        records.write('[0,[[[],[]],[1e-09],{"mcpu":\n')  # a line cut short: left out
+    x86_log = _x86_log_of_an_avx2_and_an_avx512_cpu(result, tmp_path)
+    fastest_avx512: dict[int, object] = {}
+    for r in _trials(_database_records(x86_log)):
+        key = _shash(r.workload.mod)
+        if cpu_of(r.target) == "skylake-avx512" and (key not in fastest_avx512 or
+                                                     float(r.run_secs[0]) < float(fastest_avx512[key].run_secs[0])):
+            fastest_avx512[key] = r
+    target = tvmnet.targets.get_target("x86-avx2").tvm_target()
+    borrowed = {_shash(r.workload.mod): r for r in compile_database(x86_log, target=target).get_all_tuning_records()}
 
     monkeypatch.setenv("TVMNET_TUNING_LOGS", str(tmp_path / "logs"))
-    monkeypatch.setattr(tune_module, "SEED_RECORDS_PER_CPU", 2)
     lines: list[str] = []
     again = tvmnet_tune(_model(), target="x86-avx2", trials=0, remeasure=1, tasks=TASKS[:1],
                         progress=lines.append, **SMALL)
     own_log = tmp_path / "logs" / "x86-avx2" / result.fingerprint
     assert again.log_dir == own_log
-    total = sum(per_kind.values()) + 1  # the damaged line too
-    started = f"started {own_log} from x86's log ({x86_log}): {kept} of its {total} records"
-    assert any(started in line for line in lines), lines
+    assert any(f"started {own_log} from x86's log ({x86_log})" in line for line in lines), lines
     mine = [r for r in _database_records(own_log) if cpu_of(r.target) == "haswell"]
     ((workload, trace),) = {(_shash(r.workload.mod), str(r.trace)) for r in mine if not is_baseline(r)}
-    assert trace == str(fastest[workload, "znver3"].trace) != str(fastest[workload, "skylake-avx512"].trace)
+    assert cpu_of(borrowed[workload].target) == "znver3"
+    assert trace == str(borrowed[workload].trace) != str(fastest_avx512[workload].trace)
 
-    target = tvmnet.targets.get_target("x86-avx2").tvm_target()
     applied = {_shash(r.workload.mod): cpu_of(r.target) for r in compile_database(own_log, target=target)
                .get_all_tuning_records()}
     assert sorted(applied.values()) == ["haswell", "znver3"] and applied[workload] == "haswell", applied
+
 
 @pytest.mark.timeout(120)
 def test_second_tune_into_locked_dir_fails_fast(tuned):

@@ -17,8 +17,8 @@ trial budget, and warm-starts the evolutionary search from them.
 
 CPUs: every record keeps the target it was measured on, and times from two CPUs do not compare (the
 shipped x86 logs were first tuned on a znver3 machine, then again on a znver5 one). So a tune counts
-trials and floors of its own CPU only, and one that starts on a CPU new to the log first measures the
-other CPU's best schedule of each task here; ``compile`` applies each workload's fastest record of the
+trials and floors of its own CPU only, and one that starts on a CPU new to the log first measures here
+the record ``compile`` borrowed for each task (:func:`borrowed_elsewhere`); ``compile`` applies each workload's fastest record of the
 build's CPU and falls back to another CPU's, with a warning, only where its own CPU has none.
 
 Concurrency: a tune holds an exclusive ``fcntl.flock`` on ``<log_dir>/.tune.lock``; a second tune
@@ -733,12 +733,17 @@ def _tuned_by_speed(database, tasks: Sequence, measured_on: Callable[[str], bool
             for task in tasks]
 
 
-def fastest_elsewhere(database, tasks: Sequence, target) -> list:
-    """For each task, the fastest tuned record measured on another CPU than ``target``'s, of a CPU with its
-    vector extension where there is one (as ``compile`` borrows), or None."""
+def borrowed_elsewhere(database, tasks: Sequence, target) -> list:
+    """For each task, the tuned record of another CPU than ``target``'s that ``compile`` would apply if this CPU
+    had none (a CPU with its vector extension first; :func:`_preferred` among that CPU's), or None: what a first
+    tune here measures, so that the task's first record here is the schedule its build ran until then."""
     here, distance = cpu_of(target), _distance_from(target)
-    return [min(records, key=distance) if records else None  # the first, fastest, of the nearest
-            for records in _tuned_by_speed(database, tasks, lambda c: c != here)]
+    borrowed = []
+    for records in _tuned_by_speed(database, tasks, lambda c: c != here):
+        ranked = sorted((((distance(record), _record_seconds(record)), record) for record in records),
+                        key=lambda pair: pair[0])
+        borrowed.append(_preferred(ranked, target)[1] if ranked else None)
+    return borrowed
 
 
 def fastest_here(database, tasks: Sequence, cpu: str, top: int) -> list[list]:
@@ -1211,8 +1216,8 @@ def tune(
     new times, on the log's scale, beside the old. For a log measured under other conditions: MetaSchedule's
     search never measures a schedule that is already in the database again. (Until tvmnet 2026-12-02 a CPU
     without SMT was tuned on one thread, so a log's fastest records were the best single-thread schedules,
-    often ones that do not parallelise.) It also times here the fastest record each task has from another
-    CPU, as a first tune on this CPU would: a log whose other CPU was tuned later, with better settings,
+    often ones that do not parallelise.) It also times here the record each task would borrow from another
+    CPU (:func:`borrowed_elsewhere`), as a first tune on this CPU would: a log whose other CPU was tuned later, with better settings,
     can hold better schedules for this one too. ``trials=0`` stops after that.
 
     A task with a pixel-padded variant in the search space (``tvmnet/search_space.py``: a 1x1 convolution on
@@ -1282,7 +1287,7 @@ def tune(
         # a task about to be tuned on this CPU for the first time starts from the best schedule another CPU
         # found for it, measured here first (a log moved to a new machine, or a board of another family)
         port_to = range(len(selected)) if remeasure else to_tune if tuning else []
-        elsewhere = dict(zip(port_to, fastest_elsewhere(database, [selected[i] for i in port_to], tvm_target)))
+        elsewhere = dict(zip(port_to, borrowed_elsewhere(database, [selected[i] for i in port_to], tvm_target)))
         seeded = range(len(selected)) if remeasure else to_tune if tuning else []
         if selected and (tuning or no_floor or remeasure):
             builder = make_builder(spec, builder_timeout_s,
