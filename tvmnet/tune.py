@@ -18,8 +18,9 @@ trial budget, and warm-starts the evolutionary search from them.
 CPUs: every record keeps the target it was measured on, and times from two CPUs do not compare (the
 shipped x86 logs were first tuned on a znver3 machine, then again on a znver5 one). So a tune counts
 trials and floors of its own CPU only, and one that starts on a CPU new to the log first measures here
-the record ``compile`` borrowed for each task (:func:`borrowed_elsewhere`); ``compile`` applies each workload's fastest record of the
-build's CPU and falls back to another CPU's, with a warning, only where its own CPU has none.
+the record ``compile`` borrowed for each task (:func:`borrowed_elsewhere`); ``compile`` applies each
+workload's fastest record of the build's CPU and falls back to another CPU's, with a warning, only where its
+own CPU has none.
 
 Concurrency: a tune holds an exclusive ``fcntl.flock`` on ``<log_dir>/.tune.lock``; a second tune
 into the same directory fails at once with a :class:`TvmnetError` naming the holder's pid (it does
@@ -500,9 +501,9 @@ shipped x86 log (V2's holds over 16,000 records, 230 MB)."""
 def _start_from(log_dir: Path, source: Path, name: str, say: Progress) -> None:
     """Start the empty ``log_dir`` from ``source``, the log of the target ``name`` that this one's ``logs_from``
     names: its workloads and, per workload and CPU, the untuned floor and :data:`SEED_RECORDS_PER_CPU` fastest
-    records. Its first tune then measures here each task's best schedule from another CPU (one with the
-    target's vector extension first), as a tune on a new CPU does, and ``compile`` borrows the records of the
-    tasks not tuned yet, as it did from ``source``.
+    records. Its first tune then measures here the record ``compile`` borrowed for each task
+    (:func:`borrowed_elsewhere`), as a tune on a new CPU does, and ``compile`` borrows the records of the tasks
+    not tuned yet, as it did from ``source``.
 
     Lines are read as JSON only (checking each record with TVM took 2 minutes for V2's log): a record line
     that is not one is left out, and the tune's :func:`open_database` checks what is kept."""
@@ -531,7 +532,7 @@ def _start_from(log_dir: Path, source: Path, name: str, say: Progress) -> None:
                             [line for _number, line in _numbered_lines(source / WORKLOAD_FILE) if line.strip()])
     cpus = ", ".join(sorted({cpu for _workload, cpu, _floor in ranked}))
     say(f"started {log_dir} from {name}'s log ({source}): {len(kept)} of its {total} records, each workload's "
-        f"fastest of {cpus}; a task's best from another CPU is measured here before its first search")
+        f"fastest of {cpus}; the record each task borrows is measured here before its first search")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1217,8 +1218,8 @@ def tune(
     search never measures a schedule that is already in the database again. (Until tvmnet 2026-12-02 a CPU
     without SMT was tuned on one thread, so a log's fastest records were the best single-thread schedules,
     often ones that do not parallelise.) It also times here the record each task would borrow from another
-    CPU (:func:`borrowed_elsewhere`), as a first tune on this CPU would: a log whose other CPU was tuned later, with better settings,
-    can hold better schedules for this one too. ``trials=0`` stops after that.
+    CPU (:func:`borrowed_elsewhere`), as a first tune on this CPU would: a log whose other CPU was tuned
+    later, with better settings, can hold better schedules for this one too. ``trials=0`` stops after that.
 
     A task with a pixel-padded variant in the search space (``tvmnet/search_space.py``: a 1x1 convolution on
     7x7 pixels) that has no padded record on this CPU yet first gets its padded seeds timed (9 schedules at
