@@ -54,6 +54,14 @@ def copy_artifact_with(artifact: Path, tmp_path: Path, garbage_library: bool = F
     return copy
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (/proc/cpuinfo; none where it is missing): whose x86 target code can run here,
+    where code for a missing one would die of SIGILL."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return {flag for line in lines if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
 def no_leftovers(directory: Path) -> list[str]:
     """Names of temporary or partial entries a failed compile could have left in ``directory``."""
     return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))

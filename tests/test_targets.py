@@ -23,6 +23,8 @@ from tvmnet.errors import ArtifactError, TargetError
 from tvmnet.manifest import host_arch
 from tvmnet.targets import get_target, list_targets
 
+from conftest import cpu_flags
+
 SHIPPED = {
     "x86", "x86-avx2", "x86-avx512", "rasp4b", "rasp4b32", "rasp3b", "rk3399", "rk3399-mali",
     "jetson-nano", "jetson-orin-nano", "cuda", "cuda-sm80", "cuda-sm90",
@@ -182,7 +184,7 @@ def test_cpu_build_is_an_elf_for_the_board(name, build_root):
     check_library(artifact, name)
 
 
-# CPU flags (/proc/cpuinfo) each x86 target's library executes; a CPU without them would die of SIGILL
+# CPU flags (conftest.cpu_flags) each x86 target's library executes
 ISA_FLAGS = {
     "x86-avx2": ("avx2", "fma"),
     "x86-avx512": ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"),  # LLVM's skylake-avx512
@@ -193,10 +195,7 @@ ISA_FLAGS = {
 def test_x86_build_runs_here_and_matches_onnxruntime(name, build_root):
     """Each x86 target runs natively wherever this CPU has its instruction set (x86-avx512: a Zen 4/5 or
     a Xeon since Skylake-SP), and matches onnxruntime."""
-    flags = set()
-    if Path("/proc/cpuinfo").exists():
-        flags = {flag for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-                 for flag in line.split(":", 1)[1].split()}
+    flags = cpu_flags()
     missing = [flag for flag in ISA_FLAGS[name] if flag not in flags]
     if host_arch() != "x86_64" or missing:
         pytest.skip(f"this CPU lacks {', '.join(missing) or 'x86-64'}")

@@ -22,7 +22,7 @@ import pytest
 import tvmnet
 from tvmnet.errors import TvmnetError
 
-from conftest import ATOL, RTOL, ort_run
+from conftest import ATOL, RTOL, cpu_flags, ort_run
 
 # the trailing 1: AttachAttrLayoutFreeBuffers (CPU pipeline) re-adds every PrimFunc under a fresh name
 TASKS = ["fused_conv2d_add_maximum_minimum1", "fused_conv2d1_add_maximum_minimum1"]
@@ -173,8 +173,7 @@ def test_portable_x86_target_compiles_with_the_x86_log(tuned, tmp_path):
     schedules = compiled.manifest["schedules"]
     assert schedules["database"] == str(result.log_dir)
     assert {t.name for t in result.tasks if t.best_us != t.untuned_us} <= set(schedules["tuned"])
-    cpuinfo = Path("/proc/cpuinfo")
-    if " avx2" not in (cpuinfo.read_text() if cpuinfo.exists() else ""):
+    if "avx2" not in cpu_flags():
         pytest.skip("this CPU lacks AVX2: the portable build was compiled, not run")
     spec = compiled.inputs[0]
     x = np.random.default_rng(0).standard_normal(spec.shape).astype(np.float32)
@@ -254,8 +253,7 @@ def test_portable_x86_target_tune_starts_from_the_x86_log(tuned, tmp_path, monke
     CPU measured faster. ``compile`` then takes the task measured here from here and the other from znver3."""
     from tvmnet.tune import _shash, compile_database, cpu_of, is_baseline
 
-    cpuinfo = Path("/proc/cpuinfo")
-    if " avx2" not in (cpuinfo.read_text() if cpuinfo.exists() else ""):
+    if "avx2" not in cpu_flags():
         pytest.skip("this CPU lacks AVX2: an x86-avx2 tune cannot measure here")
     result = tuned[0]
     x86_log = _x86_log_of_an_avx2_and_an_avx512_cpu(result, tmp_path)
