@@ -221,7 +221,8 @@ def _x86_log_of_an_avx2_and_an_avx512_cpu(result, root: Path) -> Path:
 def test_a_log_started_from_another_targets_keeps_each_cpus_floor_and_fastest_records(tuned, tmp_path,
                                                                                      monkeypatch):
     """Starting a portable target's log (``logs_from``) keeps, per workload and CPU, the untuned floor and the
-    ``SEED_RECORDS_PER_CPU`` fastest records, and leaves a damaged line out."""
+    ``SEED_RECORDS_PER_CPU`` fastest records, and leaves a damaged line out; without the other target's log it
+    says so and writes nothing."""
     import tvmnet.tune as tune_module
     from tvmnet.tune import RECORD_FILE, _shash, cpu_of, is_baseline
 
@@ -244,6 +245,11 @@ def test_a_log_started_from_another_targets_keeps_each_cpus_floor_and_fastest_re
                   for r in _database_records(started))
     assert kept == expected
     assert len(said) == 1 and f"started {started} from x86's log ({x86_log}): 10 of its {total} records" in said[0]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    tune_module._start_from(empty, tmp_path / "no-such-log", "x86", said.append)
+    assert said[1:] == [f"x86 has no log of this model ({tmp_path / 'no-such-log'}): {empty} starts empty"]
+    assert not list(empty.iterdir())
 
 
 @pytest.mark.timeout(300)

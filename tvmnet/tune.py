@@ -510,6 +510,7 @@ def _start_from(log_dir: Path, source: Path, name: str, say: Progress) -> None:
     import json
 
     if not has_database(source):
+        say(f"{name} has no log of this model ({source}): {log_dir} starts empty")
         return
     ranked: dict[tuple[int, str, bool], list[tuple[float, int]]] = {}
     total = 0
