@@ -55,6 +55,18 @@ def _trials(records: list) -> list:
     return [r for r in records if not is_baseline(r)]
 
 
+def _fastest_per_workload(records) -> dict[int, object]:
+    """Each workload's (structural hash's) fastest of ``records``, by its first stored time."""
+    from tvmnet.tune import _shash
+
+    fastest: dict[int, object] = {}
+    for record in records:
+        key = _shash(record.workload.mod)
+        if key not in fastest or float(record.run_secs[0]) < float(fastest[key].run_secs[0]):
+            fastest[key] = record
+    return fastest
+
+
 def _copy_with_times_scaled(log_dir: Path, copy: Path, factor: float = 1000, *, inverted: bool = False,
                             mcpu: str | None = None) -> Path:
     """A copy of a tuning log with every stored time multiplied by ``factor``: above 1, a log as if measured on
@@ -263,12 +275,8 @@ def test_portable_x86_target_tune_starts_from_the_x86_log(tuned, tmp_path, monke
         pytest.skip("this CPU lacks AVX2: an x86-avx2 tune cannot measure here")
     result = tuned[0]
     x86_log = _x86_log_of_an_avx2_and_an_avx512_cpu(result, tmp_path)
-    fastest_avx512: dict[int, object] = {}
-    for r in _trials(_database_records(x86_log)):
-        key = _shash(r.workload.mod)
-        if cpu_of(r.target) == "skylake-avx512" and (key not in fastest_avx512 or
-                                                     float(r.run_secs[0]) < float(fastest_avx512[key].run_secs[0])):
-            fastest_avx512[key] = r
+    fastest_avx512 = _fastest_per_workload(r for r in _trials(_database_records(x86_log))
+                                           if cpu_of(r.target) == "skylake-avx512")
     target = tvmnet.targets.get_target("x86-avx2").tvm_target()
     borrowed = {_shash(r.workload.mod): r for r in compile_database(x86_log, target=target).get_all_tuning_records()}
 
@@ -545,11 +553,7 @@ def test_log_from_another_cpu_seeds_a_tune_here(tuned, tmp_path):
     text = (log / RECORD_FILE).read_text()
     assert f'"mcpu":"{here}"' in text
     (log / RECORD_FILE).write_text(text.replace(f'"mcpu":"{here}"', f'"mcpu":"{other}"'))
-    theirs: dict[int, object] = {}
-    for record in _trials(_database_records(log)):
-        key = _shash(record.workload.mod)
-        if key not in theirs or float(record.run_secs[0]) < float(theirs[key].run_secs[0]):
-            theirs[key] = record
+    theirs = _fastest_per_workload(_trials(_database_records(log)))
 
     lines: list[str] = []
     again = tvmnet_tune(_model(), trials=1, tasks=TASKS[:1], log_dir=log, progress=lines.append, **SMALL)
