@@ -5,7 +5,9 @@ One run's interval covers its own rounds; on a shared host the hours between run
 that (bench/README.md items 34 and 36), so a goal is judged over runs too. This reads every ``compare.py``
 result whose tuned artifacts came from a repo's ``tuning_logs/`` (runs on a scratch log are left out and
 counted) and prints, per CPU (LLVM's name for it) and model, how many runs timed the model, the median and
-range of their tuned tvmnet / onnxruntime ratios, and in how many of them the ratio was at or under the goal.
+range of their tuned tvmnet / onnxruntime ratios, and in how many of them the ratio was at or under the goal;
+then the same median and range of each run's fastest-round ratio (compare.py's ``fastest_round_ratio``), which a
+busy host moves less than it moves the medians.
 
     python bench/runs.py                                    # every CPU, issue 6's goals
     python bench/runs.py --cpu emeraldrapids --since 2026-12-05
@@ -25,16 +27,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import GOALS, TUNED, host_was_contended, parse_goals  # noqa: E402 - one definition, in compare.py
+from compare import (  # noqa: E402 - one definition, in compare.py
+    GOALS, ORT, TUNED, fastest_round_ratio, host_was_contended, parse_goals)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass
 class Pool:
-    """One CPU's tuned / onnxruntime ratios of one model, a run each, oldest first."""
+    """One CPU's tuned / onnxruntime ratios of one model, a run each, oldest first: median over median, and
+    fastest round over fastest round."""
 
     ratios: list[float] = field(default_factory=list)
+    fastest: list[float] = field(default_factory=list)
     runs: list[str] = field(default_factory=list)
 
 
@@ -57,7 +62,8 @@ def read_runs(results: Path, cpu: str | None, since: str | None,
             scratch += 1
             continue
         for model in result["models"]:
-            tuned = next((row for row in model["runtimes"] if row["runtime"] == TUNED), None)
+            rows = {row["runtime"]: row for row in model["runtimes"]}
+            tuned = rows.get(TUNED)
             if tuned is None:
                 continue
             peaks = model.get("fma_peak_gflops_by_round")
@@ -66,20 +72,24 @@ def read_runs(results: Path, cpu: str | None, since: str | None,
                 continue
             pool = pools.setdefault((run_cpu, model["model"]), Pool())
             pool.ratios.append(tuned["ratio_to_onnxruntime"])
+            pool.fastest.append(fastest_round_ratio(tuned, rows[ORT]))
             pool.runs.append(name)
     return pools, scratch, unsteady
 
 
 def markdown(pools: dict[tuple[str, str], Pool], goals: dict[str, float], scratch: int, unsteady: int = 0) -> str:
-    lines = ["| CPU (LLVM) | model | runs | median | range | goal | runs at or under it | last run |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| CPU (LLVM) | model | runs | median | range | goal | runs at or under it | fastest rounds: median | "
+             "range | last run |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for (cpu, model), pool in sorted(pools.items()):
         goal = goals.get(model)
         met = "–" if goal is None else f"{sum(r <= goal for r in pool.ratios)} of {len(pool.ratios)}"
         lines.append(f"| {cpu} | {model} | {len(pool.ratios)} | {statistics.median(pool.ratios):.2f} | "
                      f"{min(pool.ratios):.2f}-{max(pool.ratios):.2f} | {'–' if goal is None else f'{goal:.2f}'} | "
-                     f"{met} | {pool.runs[-1]} |")
-    lines += ["", "Ratios: tuned tvmnet / onnxruntime, median over median within each run."
+                     f"{met} | {statistics.median(pool.fastest):.2f} | "
+                     f"{min(pool.fastest):.2f}-{max(pool.fastest):.2f} | {pool.runs[-1]} |")
+    lines += ["", "Ratios: tuned tvmnet / onnxruntime, median over median within each run; fastest rounds: each "
+              "runtime's fastest round median over the other's."
               + (f" Left out: {scratch} run(s) on a log outside a repo's tuning_logs/." if scratch else "")
               + (f" Left out: {unsteady} model timing(s) on a contended or unsampled host." if unsteady else "")]
     return "\n".join(lines) + "\n"

@@ -60,6 +60,8 @@ def test_compare_smoke(tmp_path):
             assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, (name, key, row[key])
         assert row["min_ms"] <= row["median_ms"] <= row["p90_ms"] <= row["max_ms"], name
         assert math.isclose(row["ratio_to_onnxruntime"], row["median_ms"] / rows["onnxruntime"]["median_ms"])
+        assert math.isclose(row["fastest_round_ratio_to_onnxruntime"],
+                            min(row["round_medians_ms"]) / min(rows["onnxruntime"]["round_medians_ms"]))
         low, high = row["ratio_interval_to_onnxruntime"]
         assert 0 < low <= high, name
         if name != "onnxruntime":
@@ -104,10 +106,11 @@ def test_goal_verdict_needs_the_whole_interval(interval, verdict, monkeypatch):
     from compare import goal_verdicts
 
     tuned = {"runtime": "tvmnet-tuned", "ratio_to_onnxruntime": sum(interval) / 2,
-             "ratio_interval_to_onnxruntime": list(interval), "round_medians_ms": [1.0] * 10}
+             "ratio_interval_to_onnxruntime": list(interval), "round_medians_ms": [1.0] * 10,
+             "fastest_round_ratio_to_onnxruntime": 0.85}
     model = {"model": "mobilenet_v2-1-224", "skipped": {}, "runtimes": [tuned]}
     (result,) = goal_verdicts([model], {"mobilenet_v2-1-224": 0.8})
-    assert result["verdict"] == verdict
+    assert result["verdict"] == verdict and result["fastest_round_ratio"] == 0.85
     tuned["round_medians_ms"] = [1.0] * 2  # two rounds: no verdict, whatever the interval says
     (result,) = goal_verdicts([model], {"mobilenet_v2-1-224": 0.8})
     assert result["verdict"] == "undecided: fewer than 5 rounds"
@@ -302,14 +305,18 @@ def test_thread_balance_probe_slices_compute_the_same_output(tiny_v2_artifact, t
 
 def test_runs_pools_compare_results_by_cpu_and_counts_goals(tmp_path, monkeypatch, capsys):
     """bench/runs.py pools every compare.py result by CPU: ratios of runs on a scratch log, and files that are not
-    compare.py's, must stay out, and the goal column counts the runs at or under it. With --steady-host, a timing
-    whose FMA peak samples show another tenant on the cores (or that has none) stays out too."""
+    compare.py's, must stay out, and the goal column counts the runs at or under it. Each run's fastest-round ratio
+    is pooled beside its median one. With --steady-host, a timing whose FMA peak samples show another tenant on the
+    cores (or that has none) stays out too."""
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     import runs
 
     def result(date: str, cpu: str, root: str, ratio: float, peaks: list[float] | None) -> dict:
-        tuned = {"runtime": "tvmnet-tuned", "ratio_to_onnxruntime": ratio}
-        model = {"model": "mobilenet_v2-1-224", "tuning": {"root": root}, "runtimes": [tuned]}
+        # onnxruntime's fastest round takes 4 ms, tvmnet's 4 * (ratio + 0.1): a fastest-round ratio of ratio + 0.1
+        ort = {"runtime": "onnxruntime", "ratio_to_onnxruntime": 1.0, "round_medians_ms": [5.0, 4.0, 9.0]}
+        tuned = {"runtime": "tvmnet-tuned", "ratio_to_onnxruntime": ratio,
+                 "round_medians_ms": [4 * (ratio + 0.1), 7.0, 5.0]}
+        model = {"model": "mobilenet_v2-1-224", "tuning": {"root": root}, "runtimes": [ort, tuned]}
         if peaks is not None:
             model["fma_peak_gflops_by_round"] = peaks
         return {"context": {"date_utc": date, "llvm_cpu": cpu}, "models": [model]}
@@ -324,14 +331,14 @@ def test_runs_pools_compare_results_by_cpu_and_counts_goals(tmp_path, monkeypatc
     (tmp_path / "breakdown-x.json").write_text(json.dumps({"rows": []}))
     assert runs.main(["--results-dir", str(tmp_path)]) == 0
     table = capsys.readouterr().out
-    assert "| znver3 | mobilenet_v2-1-224 | 2 | 0.84 | 0.78-0.90 | 0.80 | 1 of 2 | b |" in table
-    assert "| znver5 | mobilenet_v2-1-224 | 1 | 1.10 | 1.10-1.10 | 0.80 | 0 of 1 | d |" in table
+    assert "| znver3 | mobilenet_v2-1-224 | 2 | 0.84 | 0.78-0.90 | 0.80 | 1 of 2 | 0.94 | 0.88-1.00 | b |" in table
+    assert "| znver5 | mobilenet_v2-1-224 | 1 | 1.10 | 1.10-1.10 | 0.80 | 0 of 1 | 1.20 | 1.20-1.20 | d |" in table
     assert "Left out: 1 run(s)" in table
     assert runs.main(["--results-dir", str(tmp_path), "--cpu", "znver3", "--since", "2026-12-02"]) == 0
     assert "| znver3 | mobilenet_v2-1-224 | 1 | 0.90 |" in capsys.readouterr().out
     assert runs.main(["--results-dir", str(tmp_path), "--steady-host"]) == 0
     table = capsys.readouterr().out
-    assert "| znver3 | mobilenet_v2-1-224 | 1 | 0.90 | 0.90-0.90 | 0.80 | 0 of 1 | b |" in table
+    assert "| znver3 | mobilenet_v2-1-224 | 1 | 0.90 | 0.90-0.90 | 0.80 | 0 of 1 | 1.00 | 1.00-1.00 | b |" in table
     assert "znver5" not in table and "Left out: 2 model timing(s) on a contended or unsampled host" in table
     with pytest.raises(SystemExit, match="no compare.py run"):
         runs.main(["--results-dir", str(tmp_path), "--cpu", "armv8"])
