@@ -489,8 +489,8 @@ def fastest_round_ratio(row: dict[str, Any], reference: dict[str, Any]) -> float
     A neighbour on a shared host only ever slows a runtime, and not each by as much: on the Zen 4 of
     bench/README.md item 51, onnxruntime's V2 ran 1.8-2.3x its fastest round in its five slowest rounds of a
     run, tvmnet's 1.0-1.5x in the same rounds, so that run's median ratio flattered tvmnet. This ratio is the
-    nearest one run gets to a quiet host; it has no interval (a minimum does not bootstrap): runs.py pools it
-    over runs."""
+    nearest one run gets to a quiet host, and only as near as each runtime's quietest round: it has no interval
+    (a minimum does not bootstrap), and runs.py pools it over runs."""
     return min(row["round_medians_ms"]) / min(reference["round_medians_ms"])
 
 

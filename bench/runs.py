@@ -6,8 +6,8 @@ that (bench/README.md items 34 and 36), so a goal is judged over runs too. This 
 result whose tuned artifacts came from a repo's ``tuning_logs/`` (runs on a scratch log are left out and
 counted) and prints, per CPU (LLVM's name for it) and model, how many runs timed the model, the median and
 range of their tuned tvmnet / onnxruntime ratios, and in how many of them the ratio was at or under the goal;
-then the same median and range of each run's fastest-round ratio (compare.py's ``fastest_round_ratio``), which a
-busy host moves less than it moves the medians.
+then the same median and range of each run's fastest-round ratio (compare.py's ``fastest_round_ratio``): a busy
+host slows the runtimes unequally, and each one's fastest round is the nearest a run gets to a quiet host.
 
     python bench/runs.py                                    # every CPU, issue 6's goals
     python bench/runs.py --cpu emeraldrapids --since 2026-12-05
